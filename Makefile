@@ -1,0 +1,35 @@
+# Every target sets up .venv first, so each works on a fresh machine with only Python 3.11 and pip.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+LISTEN ?= 0.0.0.0:9001
+DEMO_ISSUER := https://demo.extauthz.local
+
+.PHONY: help install run token test lint
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
+
+install: $(INSTALLED)  ## create .venv with extauthz and its test tools
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(INSTALLED)
+
+run: install  ## serve the example policies in policies/ on $(LISTEN)
+	$(BIN)/extauthz serve --policies policies --listen $(LISTEN) \
+		--workload-namespace demo --workload-label app=httpbin
+
+token: install  ## print a token the example policies accept (add CLAIMS='--claim groups=["admin"]')
+	@$(BIN)/extauthz token --key deploy/demo/demo-signing-key.pem --issuer $(DEMO_ISSUER) \
+		--audience httpbin.demo --kid demo-1 $(CLAIMS)
+
+test: install  ## run every test, end-to-end ones with the real Envoy and grpcurl included
+	$(BIN)/python -m pytest
+
+lint: install  ## ruff and mypy
+	$(BIN)/ruff check extauthz tests
+	$(BIN)/mypy extauthz

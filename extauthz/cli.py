@@ -1,0 +1,243 @@
+"""Command line: `extauthz serve`, `extauthz validate`, `extauthz token`.
+
+Only this module configures logging and exits the process. Every `serve` flag can also
+be set with an `EXTAUTHZ_<FLAG>` environment variable (dashes as underscores); a flag on
+the command line wins over the variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from extauthz import __version__, config
+from extauthz.errors import ConfigError, PolicyError
+
+logger = logging.getLogger("extauthz")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _env(flag: str) -> str | None:
+    return os.environ.get("EXTAUTHZ_" + flag.upper().replace("-", "_"))
+
+
+def _label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"invalid label {text!r}: write KEY=VALUE, like app=httpbin")
+    return key, value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be greater than 0")
+    return value
+
+
+def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    def flag(name: str, default: Any, help_text: str, **kwargs: Any) -> None:
+        env_value = _env(name)
+        parser.add_argument(f"--{name}", default=env_value if env_value is not None else default,
+                            help=f"{help_text} (env EXTAUTHZ_{name.upper().replace('-', '_')}, default: %(default)s)",
+                            **kwargs)
+
+    flag("policies", str(config.DEFAULT_POLICIES), "directory of policy YAML files, read recursively")
+    flag("listen", config.DEFAULT_LISTEN, "HOST:PORT of the gRPC listener; port 0 picks a free port")
+    flag("root-namespace", config.DEFAULT_ROOT_NAMESPACE, "namespace whose policies apply to every workload")
+    flag("workload-namespace", None, "namespace of the workload when a Check does not name one")
+    env_labels = _env("workload-label")
+    parser.add_argument(
+        "--workload-label", action="append", type=_label, metavar="KEY=VALUE",
+        default=[_label(item) for item in env_labels.split(",") if item] if env_labels else None,
+        help="label of the workload when a Check does not carry labels; repeatable "
+             "(env EXTAUTHZ_WORKLOAD_LABEL, comma-separated)")
+    flag("xff-num-trusted-hops", 0, "trusted proxies that append to X-Forwarded-For; remote.ip is the entry "
+         "this many places from the right", type=_non_negative_int)
+    flag("log-level", "INFO", "DEBUG, INFO, WARNING or ERROR", type=str.upper,
+         choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    flag("threads", config.DEFAULT_THREADS, "size of the thread pool that serves Checks", type=_non_negative_int)
+    flag("grace-period", config.DEFAULT_GRACE_PERIOD_S, "seconds in-flight Checks get to finish on shutdown",
+         type=_positive_float)
+    flag("startup-timeout", config.jwks.DEFAULT_STARTUP_TIMEOUT_S,
+         "seconds to wait for the first fetch of every jwksUri before serving", type=_positive_float)
+    flag("jwks-refresh-interval", config.jwks.DEFAULT_REFRESH_INTERVAL_S,
+         "seconds between refetches of each jwksUri (with 10%% jitter)", type=_positive_float)
+    flag("jwks-kid-cooldown", config.jwks.DEFAULT_KID_COOLDOWN_S,
+         "minimum seconds between refetches caused by tokens with an unknown kid", type=_positive_float)
+    flag("jwks-kid-refresh-wait", config.jwks.DEFAULT_KID_REFRESH_WAIT_S,
+         "seconds a Check waits for a refetch its unknown kid caused", type=float)
+    flag("jwks-max-bytes", config.jwks.DEFAULT_MAX_JWKS_BYTES, "largest JWKS or OpenID document accepted",
+         type=_non_negative_int)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="extauthz", description="Envoy external authorization for Istio "
+                                     "RequestAuthentication and AuthorizationPolicy files.")
+    parser.add_argument("--version", action="version", version=f"extauthz {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="serve envoy.service.auth.v3.Authorization/Check")
+    _add_serve_flags(serve)
+
+    validate = commands.add_parser("validate", help="check a policy directory the way serve loads it")
+    validate.add_argument("directory", type=Path)
+    validate.add_argument("--format", choices=("text", "json"), default="text")
+
+    token = commands.add_parser("token", help="sign a JWT with a private key, for testing policies")
+    token.add_argument("--key", type=Path, required=True, help="PEM private key (RSA, EC or Ed25519)")
+    token.add_argument("--issuer", required=True)
+    token.add_argument("--subject", default="alice")
+    token.add_argument("--audience", action="append", default=[], help="repeatable")
+    token.add_argument("--kid", default=None)
+    token.add_argument("--alg", default=None, help="default: RS256, ES256/384/512 or EdDSA from the key type")
+    token.add_argument("--ttl", type=int, default=3600, help="seconds until exp")
+    token.add_argument("--claim", action="append", default=[], metavar="NAME=JSON",
+                       help='extra claim, value as JSON or plain text, like groups=["admin"]; repeatable')
+    return parser
+
+
+def serve(args: argparse.Namespace) -> int:
+    from extauthz.server import ExtAuthzServer
+
+    logging.basicConfig(level=args.log_level, format=LOG_FORMAT, stream=sys.stderr)
+    serve_config = config.ServeConfig(
+        policies=Path(args.policies),
+        listen=args.listen,
+        root_namespace=args.root_namespace,
+        workload_namespace=args.workload_namespace or None,
+        workload_labels=dict(args.workload_label or []),
+        xff_num_trusted_hops=int(args.xff_num_trusted_hops),
+        log_level=args.log_level,
+        threads=max(1, int(args.threads)),
+        grace_period_s=float(args.grace_period),
+        startup_timeout_s=float(args.startup_timeout),
+        jwks_refresh_interval_s=float(args.jwks_refresh_interval),
+        jwks_kid_cooldown_s=float(args.jwks_kid_cooldown),
+        jwks_kid_refresh_wait_s=float(args.jwks_kid_refresh_wait),
+        jwks_max_bytes=int(args.jwks_max_bytes),
+    )
+    server = ExtAuthzServer(serve_config)
+    stop_requested = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if stop_requested.is_set():
+            logger.warning("second signal: exiting at once")
+            os._exit(1)
+        logger.info("received %s: draining for up to %.1fs", signal.Signals(signum).name,
+                    serve_config.grace_period_s)
+        stop_requested.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.start()
+    except ConfigError as exc:
+        logger.error("%s", exc)
+        return 2
+    try:
+        stop_requested.wait()
+        server.stop(serve_config.grace_period_s)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def validate(args: argparse.Namespace) -> int:
+    from extauthz.policy import load_policy_dir
+
+    try:
+        policy_set = load_policy_dir(args.directory)
+    except PolicyError as exc:
+        problems = exc.problems
+        if args.format == "json":
+            print(json.dumps({"valid": False, "problems": [
+                {"file": p.file, "line": p.line, "severity": p.severity, "message": p.message} for p in problems
+            ]}, indent=2))
+        else:
+            for problem in problems:
+                print(problem)
+            errors = sum(1 for p in problems if p.severity == "error")
+            print(f"{args.directory}: invalid, {errors} error(s)", file=sys.stderr)
+        return 1
+    summary = (f"{args.directory}: valid, revision {policy_set.revision}: "
+               f"{len(policy_set.request_authentications)} RequestAuthentication, "
+               f"{len(policy_set.authorization_policies)} AuthorizationPolicy in {len(policy_set.files)} file(s)")
+    if args.format == "json":
+        print(json.dumps({"valid": True, "revision": policy_set.revision, "warnings": list(policy_set.warnings),
+                          "request_authentications": len(policy_set.request_authentications),
+                          "authorization_policies": len(policy_set.authorization_policies)}, indent=2))
+    else:
+        for warning in policy_set.warnings:
+            print(warning)
+        print(summary)
+    return 0
+
+
+def token(args: argparse.Namespace) -> int:
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        key = load_pem_private_key(args.key.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        print(f"extauthz token: cannot load private key {args.key}: {exc}", file=sys.stderr)
+        return 2
+    alg = args.alg
+    if alg is None:
+        if isinstance(key, ec.EllipticCurvePrivateKey):
+            alg = {256: "ES256", 384: "ES384", 521: "ES512"}[key.curve.key_size]
+        elif isinstance(key, ed25519.Ed25519PrivateKey):
+            alg = "EdDSA"
+        else:
+            alg = "RS256"
+    now = int(time.time())
+    claims: dict[str, Any] = {"iss": args.issuer, "sub": args.subject, "iat": now, "exp": now + args.ttl}
+    if args.audience:
+        claims["aud"] = args.audience[0] if len(args.audience) == 1 else args.audience
+    for item in args.claim:
+        name, sep, raw = item.partition("=")
+        if not sep or not name:
+            print(f"extauthz token: invalid --claim {item!r}: write NAME=VALUE", file=sys.stderr)
+            return 2
+        try:
+            claims[name] = json.loads(raw)
+        except ValueError:
+            claims[name] = raw
+    headers = {"kid": args.kid} if args.kid else None
+    print(jwt.encode(claims, key, algorithm=alg, headers=headers))  # type: ignore[arg-type]
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"serve": serve, "validate": validate, "token": token}
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

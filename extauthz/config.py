@@ -1,0 +1,41 @@
+"""The typed configuration of `extauthz serve`, with its defaults as named constants."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from extauthz import jwks
+
+DEFAULT_POLICIES = Path("policies")
+DEFAULT_LISTEN = "0.0.0.0:9001"
+DEFAULT_ROOT_NAMESPACE = "istio-system"
+DEFAULT_THREADS = 8
+DEFAULT_GRACE_PERIOD_S = 10.0
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    policies: Path = DEFAULT_POLICIES
+    listen: str = DEFAULT_LISTEN
+    root_namespace: str = DEFAULT_ROOT_NAMESPACE
+    workload_namespace: str | None = None
+    workload_labels: dict[str, str] = field(default_factory=dict)
+    xff_num_trusted_hops: int = 0
+    log_level: str = "INFO"
+    threads: int = DEFAULT_THREADS
+    grace_period_s: float = DEFAULT_GRACE_PERIOD_S
+    watch: bool = True
+    startup_timeout_s: float = jwks.DEFAULT_STARTUP_TIMEOUT_S
+    jwks_refresh_interval_s: float = jwks.DEFAULT_REFRESH_INTERVAL_S
+    jwks_kid_cooldown_s: float = jwks.DEFAULT_KID_COOLDOWN_S
+    jwks_kid_refresh_wait_s: float = jwks.DEFAULT_KID_REFRESH_WAIT_S
+    jwks_max_bytes: int = jwks.DEFAULT_MAX_JWKS_BYTES
+
+    def jwks_settings(self) -> jwks.JwksSettings:
+        return jwks.JwksSettings(
+            refresh_interval_s=self.jwks_refresh_interval_s,
+            kid_cooldown_s=self.jwks_kid_cooldown_s,
+            kid_refresh_wait_s=self.jwks_kid_refresh_wait_s,
+            max_bytes=self.jwks_max_bytes,
+        )

@@ -1,0 +1,331 @@
+"""The policy engine: authentication by RequestAuthentication, then AuthorizationPolicy.
+
+Pure Python with no gRPC import, so it can be tested and benchmarked alone. The order is
+Istio's: select the policies of the workload, verify tokens (a bad token is rejected
+before any AuthorizationPolicy runs), then DENY policies, then ALLOW policies.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl
+
+from extauthz.decision import Decision, denied, token_denied
+from extauthz.jwks import JwksCache
+from extauthz.policy.model import (
+    Action,
+    AuthorizationPolicy,
+    FailureMode,
+    JwtRule,
+    LocationKind,
+    PolicySet,
+    TokenLocation,
+)
+from extauthz.request import RequestContext, VerifiedToken, Workload
+from extauthz.tokens import TokenFailure, check_audience, check_time, parse_jwt, verify_signature
+
+logger = logging.getLogger("extauthz.engine")
+
+WORKLOAD_CACHE_SIZE = 4096
+_TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.=+/")
+_LOCATION_ORDER = {LocationKind.HEADER: 0, LocationKind.QUERY: 1, LocationKind.COOKIE: 2}
+
+
+@dataclass(frozen=True)
+class WorkloadPolicies:
+    """Everything of one revision that applies to one workload."""
+
+    jwt_rules: tuple[JwtRule, ...] = ()
+    # token locations in extraction order (headers, query parameters, cookies), each with
+    # the rules that declared it
+    locations: tuple[tuple[TokenLocation, tuple[JwtRule, ...]], ...] = ()
+    output_headers: frozenset[str] = frozenset()
+    deny: tuple[AuthorizationPolicy, ...] = ()
+    allow: tuple[AuthorizationPolicy, ...] = ()
+    audit: tuple[AuthorizationPolicy, ...] = ()
+    dry_run: tuple[AuthorizationPolicy, ...] = ()
+    request_authentications: tuple[str, ...] = ()
+
+
+def _select(policy_set: PolicySet, workload: Workload, root_namespace: str) -> WorkloadPolicies:
+    rules: list[JwtRule] = []
+    request_authentications = []
+    for ra in policy_set.request_authentications:
+        if ra.scope.applies_to(workload, root_namespace):
+            rules.extend(ra.rules)
+            request_authentications.append(str(ra.ref))
+    by_location: dict[TokenLocation, list[JwtRule]] = {}
+    for rule in rules:
+        for location in rule.locations:
+            by_location.setdefault(location, []).append(rule)
+    locations = sorted(by_location.items(), key=lambda item: _LOCATION_ORDER[item[0].kind])
+    output_headers = frozenset(header for rule in rules for header in rule.output_headers)
+
+    buckets: dict[str, list[AuthorizationPolicy]] = {"DENY": [], "ALLOW": [], "AUDIT": [], "DRY": []}
+    for ap in policy_set.authorization_policies:
+        if not ap.scope.applies_to(workload, root_namespace):
+            continue
+        buckets["DRY" if ap.dry_run else ap.action.value].append(ap)
+    return WorkloadPolicies(
+        jwt_rules=tuple(rules),
+        locations=tuple((loc, tuple(rs)) for loc, rs in locations),
+        output_headers=output_headers,
+        deny=tuple(buckets["DENY"]),
+        allow=tuple(buckets["ALLOW"]),
+        audit=tuple(buckets["AUDIT"]),
+        dry_run=tuple(buckets["DRY"]),
+        request_authentications=tuple(request_authentications),
+    )
+
+
+class PolicySnapshot:
+    """One immutable policy revision, with the applicable policies cached per workload."""
+
+    def __init__(self, policy_set: PolicySet, root_namespace: str) -> None:
+        self.policy_set = policy_set
+        self.revision = policy_set.revision
+        self.root_namespace = root_namespace
+        self._by_workload: dict[Workload, WorkloadPolicies] = {}
+        self._lock = threading.Lock()
+
+    def for_workload(self, workload: Workload) -> WorkloadPolicies:
+        found = self._by_workload.get(workload)
+        if found is not None:
+            return found
+        found = _select(self.policy_set, workload, self.root_namespace)
+        with self._lock:
+            if len(self._by_workload) >= WORKLOAD_CACHE_SIZE:
+                self._by_workload.clear()
+            self._by_workload[workload] = found
+        return found
+
+
+@dataclass
+class Authentication:
+    """The result of authentication: the verified token and the request changes it causes."""
+
+    token: VerifiedToken | None = None
+    headers_to_set: list[tuple[str, str]] = field(default_factory=list)
+    headers_to_remove: list[str] = field(default_factory=list)
+    query_parameters_to_remove: list[str] = field(default_factory=list)
+
+
+def extract_token(ctx: RequestContext, location: TokenLocation) -> str | None:
+    """Return the token at one location, or None when the location holds none."""
+    if location.kind is LocationKind.HEADER:
+        value = ctx.headers.get(location.name)
+        if value is None:
+            return None
+        if not location.prefix:
+            return value.strip() or None
+        # Like Envoy: find the prefix anywhere, skip separators after it, and take the
+        # run of token characters that follows. A header without the prefix holds no token.
+        position = value.find(location.prefix)
+        if position < 0:
+            return None
+        rest = value[position + len(location.prefix):]
+        start = 0
+        while start < len(rest) and rest[start] not in _TOKEN_CHARS:
+            start += 1
+        end = start
+        while end < len(rest) and rest[end] in _TOKEN_CHARS:
+            end += 1
+        return rest[start:end] or None
+    if location.kind is LocationKind.QUERY:
+        for name, value in parse_qsl(ctx.query, keep_blank_values=True):
+            if name == location.name:
+                return value or None
+        return None
+    cookie_header = ctx.headers.get("cookie")
+    if not cookie_header:
+        return None
+    for part in cookie_header.replace(",", ";").split(";"):
+        name, _, value = part.strip().partition("=")
+        if name == location.name:
+            return value.strip().strip('"') or None
+    return None
+
+
+def claim_header_value(value: object) -> str | None:
+    """Format a claim for outputClaimToHeaders as Envoy does; None when it is not copied."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else f"{value:f}"
+    if isinstance(value, str) and value:
+        return value
+    return None
+
+
+def _is_cors_preflight(ctx: RequestContext) -> bool:
+    return (ctx.method == "OPTIONS" and bool(ctx.headers.get("origin"))
+            and bool(ctx.headers.get("access-control-request-method")))
+
+
+class Authorizer:
+    """Decide requests against the active snapshot; reload swaps `snapshot` in one assignment."""
+
+    def __init__(self, jwks: JwksCache, snapshot: PolicySnapshot | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.jwks = jwks
+        self.snapshot = snapshot
+        self._clock = clock
+
+    def decide(self, ctx: RequestContext, workload: Workload) -> Decision:
+        snapshot = self.snapshot  # one read: the whole Check uses one revision
+        if snapshot is None:
+            return denied("policies_not_loaded")
+        revision = snapshot.revision
+        policies = snapshot.for_workload(workload)
+        try:
+            authentication = self.authenticate(ctx, policies)
+        except TokenFailure as failure:
+            return token_denied(failure, _realm(ctx), revision=revision)
+        ctx.token = authentication.token
+        principal = authentication.token.principal if authentication.token else None
+        return self.authorize(ctx, policies, authentication, revision, principal)
+
+    # --- authentication -------------------------------------------------------------------
+
+    def authenticate(self, ctx: RequestContext, policies: WorkloadPolicies) -> Authentication:
+        result = Authentication()
+        if not policies.jwt_rules:
+            return result  # without a RequestAuthentication the token is not looked at
+        if _is_cors_preflight(ctx):
+            return result
+        verified: list[tuple[TokenLocation, JwtRule, VerifiedToken]] = []
+        # Every token found must verify: several tokens in one request are undefined in
+        # Istio, and rejecting when any of them is bad is the fail-closed reading.
+        for location, rules in policies.locations:
+            text = extract_token(ctx, location)
+            if text is None:
+                continue
+            outcome = self._verify(text, rules)
+            if outcome is not None:
+                verified.append((location, outcome[0], outcome[1]))
+        if not verified and any(rule.failure_mode is FailureMode.STRICT for rule in policies.jwt_rules):
+            raise TokenFailure("jwt_missing")
+
+        set_headers: dict[str, str] = {}
+        for location, rule, token in verified:
+            if not rule.forward_original_token:
+                if location.kind is LocationKind.HEADER:
+                    result.headers_to_remove.append(location.name)
+                elif location.kind is LocationKind.QUERY:
+                    result.query_parameters_to_remove.append(location.name)
+            if rule.output_payload_to_header:
+                set_headers[rule.output_payload_to_header] = token.payload_segment
+            for claim_header in rule.output_claim_to_headers:
+                value: object = token.payload
+                for name in claim_header.claim:
+                    value = value.get(name) if isinstance(value, dict) else None
+                formatted = claim_header_value(value)
+                if formatted is not None:
+                    set_headers.setdefault(claim_header.header, formatted)
+        # Output headers a client sent are removed even without a token, so they cannot be
+        # spoofed; the ones set here replace the client's value instead.
+        result.headers_to_remove.extend(sorted(policies.output_headers - set_headers.keys()))
+        result.headers_to_set = sorted(set_headers.items())
+        if verified:
+            result.token = verified[0][2]
+        return result
+
+    def _verify(self, text: str, rules: tuple[JwtRule, ...]) -> tuple[JwtRule, VerifiedToken] | None:
+        """Verify one token against the rules of its location; None when ignored (failureMode IGNORE)."""
+        ignore = all(rule.failure_mode is FailureMode.IGNORE for rule in rules)
+        try:
+            jwt = parse_jwt(text)
+            candidates = [rule for rule in rules if not rule.issuer or rule.issuer == jwt.issuer]
+            if not candidates:
+                raise TokenFailure("jwt_issuer_not_configured")
+            first_failure: TokenFailure | None = None
+            for rule in candidates:
+                try:
+                    self._verify_for_rule(jwt, rule)
+                except TokenFailure as failure:
+                    first_failure = first_failure or failure
+                    continue
+                token = VerifiedToken(jwt.payload, jwt.payload_segment, jwt.issuer, jwt.subject, rule.split_claims)
+                return rule, token
+            assert first_failure is not None
+            raise first_failure
+        except TokenFailure:
+            if ignore:
+                return None
+            raise
+
+    def _verify_for_rule(self, jwt, rule: JwtRule) -> None:  # type: ignore[no-untyped-def]
+        check_time(jwt, self._clock())
+        check_audience(jwt, rule.audiences)
+        keyset = self.jwks.keyset(rule.key_source)
+        if keyset is None:
+            raise TokenFailure("jwks_fetch_failed" if self.jwks.is_remote(rule.key_source) else "jwks_no_valid_key")
+        if jwt.kid and jwt.kid not in keyset.kids and self.jwks.is_remote(rule.key_source):
+            keyset = self.jwks.refresh_for_unknown_kid(rule.key_source, keyset) or keyset
+        if not keyset.keys:
+            raise TokenFailure("jwks_no_valid_key")
+        verify_signature(jwt, keyset.keys)
+
+    # --- authorization --------------------------------------------------------------------
+
+    def authorize(self, ctx: RequestContext, policies: WorkloadPolicies, authentication: Authentication,
+                  revision: str, principal: str | None) -> Decision:
+        shadow = tuple(_shadow_results(ctx, policies.dry_run))
+        audited = any(policy.first_match(ctx) is not None for policy in policies.audit)
+        for policy in policies.deny:
+            index = policy.first_match(ctx)
+            if index is not None:
+                return denied("denied_by_policy", revision=revision, policy=str(policy.ref), rule=index,
+                              principal=principal, shadow=shadow, audited=audited)
+        matched: tuple[str, int] | None = None
+        for policy in policies.allow:
+            index = policy.first_match(ctx)
+            if index is not None:
+                matched = (str(policy.ref), index)
+                break
+        if policies.allow and matched is None:
+            return denied("no_allow_policy_matched", revision=revision, principal=principal, shadow=shadow,
+                          audited=audited)
+        return Decision(
+            allowed=True,
+            reason="allowed_by_policy" if matched else "allowed_no_allow_policy",
+            grpc_code=0,
+            http_status=200,
+            headers_to_set=tuple(authentication.headers_to_set),
+            headers_to_remove=tuple(authentication.headers_to_remove),
+            query_parameters_to_remove=tuple(authentication.query_parameters_to_remove),
+            principal=principal,
+            policy=matched[0] if matched else None,
+            rule=matched[1] if matched else None,
+            revision=revision,
+            audited=audited,
+            shadow=shadow,
+        )
+
+
+def _shadow_results(ctx: RequestContext, dry_run: tuple[AuthorizationPolicy, ...]) -> list[str]:
+    """Describe what dry-run policies would decide, in the words of Istio's shadow logs."""
+    results = []
+    allow_policies = [p for p in dry_run if p.action is Action.ALLOW]
+    for policy in dry_run:
+        index = policy.first_match(ctx)
+        label = f"ns[{policy.ref.namespace}]-policy[{policy.ref.name}]-rule[{index}]"
+        if policy.action is Action.DENY and index is not None:
+            results.append(f"denied by {label}")
+        elif policy.action is Action.ALLOW and index is not None:
+            results.append(f"allowed by {label}")
+    if allow_policies and not any(r.startswith("allowed") for r in results):
+        results.append("denied: no dry-run ALLOW policy matched")
+    return results
+
+
+def _realm(ctx: RequestContext) -> str:
+    # The query string is left out of the realm because it may carry the token itself.
+    scheme = ctx.headers.get("x-forwarded-proto") or ctx.scheme or "http"
+    return f"{scheme}://{ctx.host}{ctx.path}"[:256]

@@ -1,0 +1,87 @@
+"""The gRPC server: Authorization, health and reflection on one port, plus the background work."""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+
+import grpc
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from extauthz.config import ServeConfig
+from extauthz.engine import Authorizer
+from extauthz.errors import ConfigError
+from extauthz.jwks import HttpFetcher, JwksCache
+from extauthz.reload import PolicyReloader
+from extauthz.servicer import AuthorizationServicer, CheckSettings
+
+logger = logging.getLogger("extauthz.server")
+
+AUTHORIZATION_SERVICE = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
+HEALTH_SERVICES = ("", AUTHORIZATION_SERVICE)
+
+
+class ExtAuthzServer:
+    """Serve Check for the policies of one directory; `start()` returns once it listens."""
+
+    def __init__(self, config: ServeConfig, fetcher: HttpFetcher | None = None) -> None:
+        self.config = config
+        self.jwks = JwksCache(fetcher, config.jwks_settings())
+        self.authorizer = Authorizer(self.jwks)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.reloader = PolicyReloader(
+            config.policies, self.authorizer, self.jwks, config.root_namespace,
+            config.startup_timeout_s, on_loaded=self._on_loaded,
+        )
+        self.servicer = AuthorizationServicer(self.authorizer, CheckSettings(
+            config.workload_namespace, dict(config.workload_labels), config.xff_num_trusted_hops))
+        self._server: grpc.Server | None = None
+        self.port = 0
+
+    def start(self) -> None:
+        """Bind, load the policies, start watching; raises ConfigError when it cannot listen."""
+        for service in HEALTH_SERVICES:
+            self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self.config.threads, thread_name_prefix="check"),
+            options=[("grpc.so_reuseport", 0)],
+        )
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (AUTHORIZATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        try:
+            port = server.add_insecure_port(self.config.listen)
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot listen on {self.config.listen}: {exc}; choose a free HOST:PORT "
+                              "with --listen") from None
+        if port == 0:
+            raise ConfigError(f"cannot listen on {self.config.listen}; choose a free HOST:PORT with --listen")
+        self.port = port
+        server.start()
+        self._server = server
+        host = self.config.listen.rsplit(":", 1)[0]
+        logger.info("listening on %s:%d", host, port)
+        self.reloader.reload()
+        if self.config.watch:
+            self.reloader.start_watching()
+
+    def _on_loaded(self, revision: str) -> None:
+        for service in HEALTH_SERVICES:
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop in a fixed order: health NOT_SERVING, watcher and key refreshers, then drain Checks."""
+        self.health.enter_graceful_shutdown()
+        self.reloader.stop()
+        self.jwks.close()
+        if self._server is not None:
+            self._server.stop(grace).wait()
+            self._server = None
+        logger.info("stopped")
+
+    def wait(self) -> None:
+        if self._server is not None:
+            self._server.wait_for_termination()

@@ -1,0 +1,194 @@
+"""The gRPC `envoy.service.auth.v3.Authorization` servicer: CheckRequest in, CheckResponse out.
+
+`Check` never raises: every outcome, an internal failure included, is a CheckResponse
+built by `check_response`, and anything unexpected answers deny.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+
+from extauthz.decision import Decision, denied
+from extauthz.engine import Authorizer
+from extauthz.request import InvalidPath, RequestContext, Workload, parse_ip, split_path
+
+logger = logging.getLogger("extauthz.check")
+decision_logger = logging.getLogger("extauthz.decision")
+
+SPIFFE_PREFIX = "spiffe://"
+WARNING_INTERVAL_S = 60.0
+_OVERWRITE = base_pb2.HeaderValueOption.HeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+@dataclass(frozen=True)
+class CheckSettings:
+    """Server-wide inputs of a Check that the request does not carry."""
+
+    workload_namespace: str | None = None
+    workload_labels: dict[str, str] = field(default_factory=dict)
+    xff_num_trusted_hops: int = 0
+
+
+def _headers(http: external_auth_pb2.attribute__context__pb2.AttributeContext.HttpRequest) -> dict[str, str]:
+    if http.header_map.headers:
+        joined: dict[str, str] = {}
+        for header in http.header_map.headers:
+            value = header.value or header.raw_value.decode("utf-8", "replace")
+            name = header.key.lower()
+            # Repeated headers are joined with "," before matching, as Envoy does.
+            joined[name] = f"{joined[name]},{value}" if name in joined else value
+        return joined
+    return {name.lower(): value for name, value in http.headers.items()}
+
+
+def _remote_ip(headers: dict[str, str], hops: int) -> str | None:
+    forwarded = headers.get("x-forwarded-for")
+    if not forwarded:
+        return None
+    entries = [entry.strip() for entry in forwarded.split(",") if entry.strip()]
+    if len(entries) <= hops:
+        return None
+    return entries[-1 - hops]
+
+
+def request_from_check(request: external_auth_pb2.CheckRequest, settings: CheckSettings) -> RequestContext:
+    """Build the request attributes from a CheckRequest; raises InvalidPath."""
+    attributes = request.attributes
+    http = attributes.request.http
+    headers = _headers(http)
+    raw_path = http.path or "/"
+    if http.query and "?" not in raw_path:
+        raw_path = f"{raw_path}?{http.query}"
+    path, query = split_path(raw_path)
+    principal = attributes.source.principal
+    if principal.startswith(SPIFFE_PREFIX):
+        principal = principal[len(SPIFFE_PREFIX):]
+    source_ip = parse_ip(attributes.source.address.socket_address.address)
+    remote_ip = parse_ip(_remote_ip(headers, settings.xff_num_trusted_hops)) or source_ip
+    destination = attributes.destination.address.socket_address
+    return RequestContext(
+        method=http.method,
+        path=path,
+        raw_path=raw_path,
+        query=query,
+        host=http.host or headers.get(":authority", "") or headers.get("host", ""),
+        scheme=http.scheme or "http",
+        headers=headers,
+        source_principal=principal or None,
+        source_ip=source_ip,
+        remote_ip=remote_ip,
+        destination_ip=parse_ip(destination.address),
+        destination_port=destination.port_value if destination.address or destination.port_value else None,
+        sni=attributes.tls_session.sni or None,
+    )
+
+
+def _namespace_from_spiffe(principal: str) -> str | None:
+    parts = principal.removeprefix(SPIFFE_PREFIX).split("/")
+    for index in range(len(parts) - 1):
+        if parts[index] == "ns" and parts[index + 1]:
+            return parts[index + 1]
+    return None
+
+
+def workload_from_check(request: external_auth_pb2.CheckRequest, settings: CheckSettings) -> Workload | None:
+    """Find the workload: context extensions, then Envoy's destination peer, then static flags."""
+    attributes = request.attributes
+    extensions = attributes.context_extensions
+    namespace = extensions.get("namespace") or None
+    labels = {key[len("label."):]: value for key, value in extensions.items() if key.startswith("label.")}
+    if namespace is None:
+        namespace = _namespace_from_spiffe(attributes.destination.principal) if attributes.destination.principal else None
+    if not labels and attributes.destination.labels:
+        labels = dict(attributes.destination.labels)
+    if namespace is None:
+        namespace = settings.workload_namespace
+    if not labels:
+        labels = dict(settings.workload_labels)
+    if namespace is None:
+        return None
+    return Workload.of(namespace, labels)
+
+
+def check_response(decision: Decision) -> external_auth_pb2.CheckResponse:
+    """Build the CheckResponse for a decision."""
+    response = external_auth_pb2.CheckResponse()
+    response.status.code = decision.grpc_code
+    metadata = {"reason": decision.reason, "revision": decision.revision}
+    if decision.principal:
+        metadata["principal"] = decision.principal
+    if decision.policy:
+        metadata["policy"] = decision.policy
+        metadata["rule"] = str(decision.rule)
+    response.dynamic_metadata.update(metadata)
+    if decision.allowed:
+        ok = response.ok_response
+        for name, value in decision.headers_to_set:
+            option = ok.headers.add()
+            option.header.key = name
+            option.header.value = value
+            option.append_action = _OVERWRITE
+        ok.headers_to_remove.extend(decision.headers_to_remove)
+        ok.query_parameters_to_remove.extend(decision.query_parameters_to_remove)
+        return response
+    deny = response.denied_response
+    deny.status.code = decision.http_status  # type: ignore[assignment]
+    deny.body = decision.body
+    for name, value in decision.response_headers:
+        option = deny.headers.add()
+        option.header.key = name
+        option.header.value = value
+        option.append_action = _OVERWRITE
+    return response
+
+
+_FALLBACK_DENY = external_auth_pb2.CheckResponse()
+_FALLBACK_DENY.status.code = 13
+_FALLBACK_DENY.denied_response.status.code = 403  # type: ignore[assignment]
+
+
+class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
+    def __init__(self, authorizer: Authorizer, settings: CheckSettings) -> None:
+        self.authorizer = authorizer
+        self.settings = settings
+        self._last_workload_warning = -WARNING_INTERVAL_S
+
+    def Check(self, request: external_auth_pb2.CheckRequest, context: object) -> external_auth_pb2.CheckResponse:  # noqa: N802
+        started = time.perf_counter()
+        try:
+            decision = self.decide(request)
+        except Exception:
+            logger.exception("Check failed inside the service; answering deny")
+            decision = denied("internal_error")
+        try:
+            response = check_response(decision)
+        except Exception:
+            logger.exception("building the CheckResponse failed; answering deny")
+            return _FALLBACK_DENY
+        if decision_logger.isEnabledFor(logging.DEBUG):
+            decision_logger.debug("decision %s reason=%s policy=%s rule=%s revision=%s %.3fms",
+                                  "allow" if decision.allowed else "deny", decision.reason, decision.policy,
+                                  decision.rule, decision.revision, (time.perf_counter() - started) * 1000)
+        return response
+
+    def decide(self, request: external_auth_pb2.CheckRequest) -> Decision:
+        workload = workload_from_check(request, self.settings)
+        if workload is None:
+            now = time.monotonic()
+            if now - self._last_workload_warning >= WARNING_INTERVAL_S:  # at most one line a minute
+                self._last_workload_warning = now
+                logger.warning("Check without a workload namespace, answered deny: set the context extension "
+                               "'namespace' in Envoy's ext_authz per-route settings, or start with "
+                               "--workload-namespace")
+            return denied("workload_unknown")
+        try:
+            ctx = request_from_check(request, self.settings)
+        except InvalidPath:
+            return denied("invalid_path")
+        return self.authorizer.decide(ctx, workload)
+
