@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from extauthz.tokens import TokenFailure
+from extauthz.tokens import TokenError
 
 # gRPC status codes (google.rpc.Code) used in CheckResponse.status
 OK = 0
@@ -56,7 +56,7 @@ def denied(reason: str, *, revision: str = "", policy: str | None = None, rule: 
                     principal=principal, shadow=shadow, audited=audited)
 
 
-def token_denied(failure: TokenFailure, realm: str, *, revision: str = "", policy: str | None = None) -> Decision:
+def token_denied(failure: TokenError, realm: str, *, revision: str = "", policy: str | None = None) -> Decision:
     challenge = f'Bearer realm="{realm}"'
     if failure.reason != "jwt_missing":
         challenge += ', error="invalid_token"'

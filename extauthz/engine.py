@@ -26,7 +26,7 @@ from extauthz.policy.model import (
     TokenLocation,
 )
 from extauthz.request import RequestContext, VerifiedToken, Workload
-from extauthz.tokens import TokenFailure, check_audience, check_time, parse_jwt, verify_signature
+from extauthz.tokens import TokenError, check_audience, check_time, parse_jwt, verify_signature
 
 logger = logging.getLogger("extauthz.engine")
 
@@ -185,7 +185,7 @@ class Authorizer:
         policies = snapshot.for_workload(workload)
         try:
             authentication = self.authenticate(ctx, policies)
-        except TokenFailure as failure:
+        except TokenError as failure:
             return token_denied(failure, _realm(ctx), revision=revision)
         ctx.token = authentication.token
         principal = authentication.token.principal if authentication.token else None
@@ -210,7 +210,7 @@ class Authorizer:
             if outcome is not None:
                 verified.append((location, outcome[0], outcome[1]))
         if not verified and any(rule.failure_mode is FailureMode.STRICT for rule in policies.jwt_rules):
-            raise TokenFailure("jwt_missing")
+            raise TokenError("jwt_missing")
 
         set_headers: dict[str, str] = {}
         for location, rule, token in verified:
@@ -243,19 +243,19 @@ class Authorizer:
             jwt = parse_jwt(text)
             candidates = [rule for rule in rules if not rule.issuer or rule.issuer == jwt.issuer]
             if not candidates:
-                raise TokenFailure("jwt_issuer_not_configured")
-            first_failure: TokenFailure | None = None
+                raise TokenError("jwt_issuer_not_configured")
+            first_failure: TokenError | None = None
             for rule in candidates:
                 try:
                     self._verify_for_rule(jwt, rule)
-                except TokenFailure as failure:
+                except TokenError as failure:
                     first_failure = first_failure or failure
                     continue
                 token = VerifiedToken(jwt.payload, jwt.payload_segment, jwt.issuer, jwt.subject, rule.split_claims)
                 return rule, token
             assert first_failure is not None
             raise first_failure
-        except TokenFailure:
+        except TokenError:
             if ignore:
                 return None
             raise
@@ -265,11 +265,11 @@ class Authorizer:
         check_audience(jwt, rule.audiences)
         keyset = self.jwks.keyset(rule.key_source)
         if keyset is None:
-            raise TokenFailure("jwks_fetch_failed" if self.jwks.is_remote(rule.key_source) else "jwks_no_valid_key")
+            raise TokenError("jwks_fetch_failed" if self.jwks.is_remote(rule.key_source) else "jwks_no_valid_key")
         if jwt.kid and jwt.kid not in keyset.kids and self.jwks.is_remote(rule.key_source):
             keyset = self.jwks.refresh_for_unknown_kid(rule.key_source, keyset) or keyset
         if not keyset.keys:
-            raise TokenFailure("jwks_no_valid_key")
+            raise TokenError("jwks_no_valid_key")
         verify_signature(jwt, keyset.keys)
 
     # --- authorization --------------------------------------------------------------------

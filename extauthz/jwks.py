@@ -40,10 +40,11 @@ class HttpFetcher:
     """Fetch a URL over HTTP or HTTPS with a timeout and a size limit."""
 
     def fetch(self, url: str, timeout: float, max_bytes: int) -> bytes:
-        request = urllib.request.Request(url, headers={"User-Agent": f"extauthz/{__version__}",
-                                                       "Accept": "application/json"})
+        # Policy validation admits only http:// and https:// URLs here.
+        headers = {"User-Agent": f"extauthz/{__version__}", "Accept": "application/json"}
+        request = urllib.request.Request(url, headers=headers)  # noqa: S310
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (scheme validated)
+            with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
                 body: bytes = response.read(max_bytes + 1)
         except urllib.error.HTTPError as exc:
             raise JwksFetchError(f"GET {url} answered HTTP {exc.code}") from None
@@ -137,7 +138,7 @@ class RemoteKeySource:
             if ok:
                 retry_delay = RETRY_INITIAL_S
                 interval = self._settings.refresh_interval_s
-                delay = interval * random.uniform(1 - REFRESH_JITTER, 1 + REFRESH_JITTER)
+                delay = interval * random.uniform(1 - REFRESH_JITTER, 1 + REFRESH_JITTER)  # noqa: S311 (jitter, not a secret)
             else:
                 delay = min(retry_delay, self._settings.refresh_interval_s)
                 retry_delay = min(retry_delay * 2, RETRY_MAX_S)
@@ -151,13 +152,11 @@ class RemoteKeySource:
             keys = self._download()
         except JwksFetchError as exc:
             self.last_error = str(exc)
-            kept = "keeping the last good key set" if self.keyset else "tokens of this source are rejected until a fetch succeeds"
-            logger.warning("JWKS fetch failed (attempt %d): %s; %s", self.attempts, exc, kept)
+            logger.warning("JWKS fetch failed (attempt %d): %s; %s", self.attempts, exc, self._fallback())
             return False
         if not keys:
             self.last_error = f"JWKS from {spec.url} has no usable key"
-            logger.warning("%s; %s", self.last_error,
-                           "keeping the last good key set" if self.keyset else "tokens of this source are rejected")
+            logger.warning("%s; %s", self.last_error, self._fallback())
             return False
         previous = self.keyset
         with self._changed:
@@ -167,6 +166,11 @@ class RemoteKeySource:
         logger.info("JWKS fetched from %s: %d key(s), kids %s", spec.url, len(keys),
                     sorted(k.kid for k in keys if k.kid) or "none")
         return True
+
+    def _fallback(self) -> str:
+        if self.keyset is not None:
+            return "keeping the last good key set"
+        return "tokens of this source are rejected until a fetch succeeds"
 
     def _download(self) -> tuple[Jwk, ...]:
         spec = self.spec

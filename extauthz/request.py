@@ -78,7 +78,7 @@ def parse_ip(text: str | None) -> IpAddress | None:
         return None
 
 
-class InvalidPath(ValueError):
+class InvalidPathError(ValueError):
     """A request path that Envoy would reject with 400."""
 
 
@@ -132,13 +132,13 @@ def split_path(raw_path: str) -> tuple[str, str]:
     Applies Envoy's default normalization, which Istio relies on: percent-decoded
     unreserved characters, backslashes as slashes, dot segments removed. Envoy normally
     does this before calling ext_authz, so on its requests this changes nothing; it
-    matters when a caller sends raw paths. `%2F` stays encoded, and `%00` raises InvalidPath.
+    matters when a caller sends raw paths. `%2F` stays encoded, and `%00` raises InvalidPathError.
     """
     path, _, query = raw_path.partition("?")
     path = path.partition("#")[0]
     query = query.partition("#")[0]
     if "%00" in path:
-        raise InvalidPath("path contains %00")
+        raise InvalidPathError("path contains %00")
     if not path.startswith("/"):
         path = "/" + path
     path = _decode_unreserved(path).replace("\\", "/")

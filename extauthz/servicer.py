@@ -15,7 +15,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from extauthz.decision import Decision, denied
 from extauthz.engine import Authorizer
-from extauthz.request import InvalidPath, RequestContext, Workload, parse_ip, split_path
+from extauthz.request import InvalidPathError, RequestContext, Workload, parse_ip, split_path
 
 logger = logging.getLogger("extauthz.check")
 decision_logger = logging.getLogger("extauthz.decision")
@@ -57,7 +57,7 @@ def _remote_ip(headers: dict[str, str], hops: int) -> str | None:
 
 
 def request_from_check(request: external_auth_pb2.CheckRequest, settings: CheckSettings) -> RequestContext:
-    """Build the request attributes from a CheckRequest; raises InvalidPath."""
+    """Build the request attributes from a CheckRequest; raises InvalidPathError."""
     attributes = request.attributes
     http = attributes.request.http
     headers = _headers(http)
@@ -102,8 +102,8 @@ def workload_from_check(request: external_auth_pb2.CheckRequest, settings: Check
     extensions = attributes.context_extensions
     namespace = extensions.get("namespace") or None
     labels = {key[len("label."):]: value for key, value in extensions.items() if key.startswith("label.")}
-    if namespace is None:
-        namespace = _namespace_from_spiffe(attributes.destination.principal) if attributes.destination.principal else None
+    if namespace is None and attributes.destination.principal:
+        namespace = _namespace_from_spiffe(attributes.destination.principal)
     if not labels and attributes.destination.labels:
         labels = dict(attributes.destination.labels)
     if namespace is None:
@@ -188,7 +188,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             return denied("workload_unknown")
         try:
             ctx = request_from_check(request, self.settings)
-        except InvalidPath:
+        except InvalidPathError:
             return denied("invalid_path")
         return self.authorizer.decide(ctx, workload)
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from extauthz.errors import ExtAuthzError
 from extauthz.keys import ALGORITHMS, Jwk
 
 CLOCK_SKEW_S = 60  # Envoy's default; Istio does not change it
@@ -50,7 +51,7 @@ TOKEN_FAILURES: dict[str, str] = {
 }
 
 
-class TokenFailure(Exception):
+class TokenError(ExtAuthzError):
     """A token that must be rejected; `reason` is a key of TOKEN_FAILURES."""
 
     def __init__(self, reason: str) -> None:
@@ -105,13 +106,13 @@ def _is_integer(value: Any) -> bool:
 def _decode_json_segment(segment: str, bad_base64: str, bad_json: str) -> dict[str, Any]:
     raw = decode_base64url(segment)
     if raw is None:
-        raise TokenFailure(bad_base64)
+        raise TokenError(bad_base64)
     try:
         value = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
-        raise TokenFailure(bad_json) from None
+        raise TokenError(bad_json) from None
     if not isinstance(value, dict):
-        raise TokenFailure(bad_json)
+        raise TokenError(bad_json)
     return value
 
 
@@ -119,36 +120,36 @@ def parse_jwt(text: str) -> ParsedJwt:
     """Decode a compact JWS and check the type of every registered header and claim."""
     parts = text.split(".")
     if len(parts) != 3 or not all(parts):
-        raise TokenFailure("jwt_bad_format")
+        raise TokenError("jwt_bad_format")
     header_segment, payload_segment, signature_segment = parts
 
     header = _decode_json_segment(header_segment, "jwt_header_bad_base64", "jwt_header_bad_json")
     alg = header.get("alg")
     if not isinstance(alg, str):
-        raise TokenFailure("jwt_alg_missing")
+        raise TokenError("jwt_alg_missing")
     if alg not in ALGORITHMS:
-        raise TokenFailure("jwt_alg_unsupported")
+        raise TokenError("jwt_alg_unsupported")
     kid = header.get("kid")
     if kid is not None and not isinstance(kid, str):
-        raise TokenFailure("jwt_kid_bad_type")
+        raise TokenError("jwt_kid_bad_type")
 
     payload = _decode_json_segment(payload_segment, "jwt_payload_bad_base64", "jwt_payload_bad_json")
     for claim in ("iss", "sub"):
         if claim in payload and not isinstance(payload[claim], str):
-            raise TokenFailure(f"jwt_{claim}_bad_type")
+            raise TokenError(f"jwt_{claim}_bad_type")
     for claim in ("iat", "nbf", "exp"):
         if claim in payload and not _is_integer(payload[claim]):
-            raise TokenFailure(f"jwt_{claim}_bad_type")
+            raise TokenError(f"jwt_{claim}_bad_type")
     if "jti" in payload and not isinstance(payload["jti"], str):
-        raise TokenFailure("jwt_jti_bad_type")
+        raise TokenError("jwt_jti_bad_type")
     aud = payload.get("aud")
     if aud is not None and not isinstance(aud, str):
         if not isinstance(aud, list) or not all(isinstance(item, str) for item in aud):
-            raise TokenFailure("jwt_aud_bad_type")
+            raise TokenError("jwt_aud_bad_type")
 
     signature = decode_base64url(signature_segment)
     if signature is None:
-        raise TokenFailure("jwt_signature_bad_base64")
+        raise TokenError("jwt_signature_bad_base64")
 
     return ParsedJwt(
         header=header,
@@ -166,10 +167,10 @@ def parse_jwt(text: str) -> ParsedJwt:
 def check_time(jwt: ParsedJwt, now: float, skew: int = CLOCK_SKEW_S) -> None:
     nbf = jwt.payload.get("nbf")
     if nbf is not None and now + skew < nbf:
-        raise TokenFailure("jwt_not_yet_valid")
+        raise TokenError("jwt_not_yet_valid")
     exp = jwt.payload.get("exp")
     if exp is not None and now > exp + skew:
-        raise TokenFailure("jwt_expired")
+        raise TokenError("jwt_expired")
 
 
 def normalize_audience(value: str) -> str:
@@ -188,7 +189,7 @@ def check_audience(jwt: ParsedJwt, allowed: Sequence[str]) -> None:
     aud = jwt.payload.get("aud")
     values = [aud] if isinstance(aud, str) else (aud or [])
     if not any(normalize_audience(value) in allowed for value in values):
-        raise TokenFailure("jwt_audience_not_allowed")
+        raise TokenError("jwt_audience_not_allowed")
 
 
 def verify_signature(jwt: ParsedJwt, keys: Sequence[Jwk]) -> None:
@@ -205,4 +206,4 @@ def verify_signature(jwt: ParsedJwt, keys: Sequence[Jwk]) -> None:
             continue
         if algorithm.verify(jwt.signing_input, key.key, jwt.signature):
             return
-    raise TokenFailure("jwt_signature_invalid" if candidate_found else "jwks_no_matching_key")
+    raise TokenError("jwt_signature_invalid" if candidate_found else "jwks_no_matching_key")

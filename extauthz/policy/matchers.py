@@ -61,7 +61,8 @@ def path_template_problem(pattern: str) -> str | None:
         operators = TEMPLATE_OPERATOR.findall(segment)
         if operators:
             if len(operators) > 1 or segment not in ("{*}", "{**}"):
-                return f"segment {segment!r} mixes an operator with other characters; an operator must be a whole segment"
+                return (f"segment {segment!r} mixes an operator with other characters; "
+                        "an operator must be a whole segment")
             if seen_double:
                 return "no operator may follow {**}"
             seen_double = segment == "{**}"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 from extauthz.policy.matchers import FieldCheck
 from extauthz.request import RequestContext, Workload
@@ -58,7 +58,7 @@ class Scope:
         return self.match_labels <= workload.labels
 
 
-class LocationKind(str, Enum):
+class LocationKind(StrEnum):
     HEADER = "header"
     QUERY = "query"
     COOKIE = "cookie"
@@ -82,7 +82,7 @@ DEFAULT_LOCATIONS = (
 )
 
 
-class FailureMode(str, Enum):
+class FailureMode(StrEnum):
     PERMISSIVE = "PERMISSIVE"
     STRICT = "STRICT"
     IGNORE = "IGNORE"
@@ -126,7 +126,7 @@ class RequestAuthentication:
     rules: tuple[JwtRule, ...]
 
 
-class Action(str, Enum):
+class Action(StrEnum):
     ALLOW = "ALLOW"
     DENY = "DENY"
     AUDIT = "AUDIT"

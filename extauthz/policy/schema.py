@@ -223,7 +223,7 @@ def _compile_object(ctx: _Context, value: Any, line: int, path: str) -> None:
         _compile_authorization_policy(ctx, spec, ref, scope, dry_run)
 
 
-def _compile_metadata(ctx: _Context, value: LocatedMap, kind: str, line: int, path: str) -> PolicyRef | None:
+def _compile_metadata(ctx: _Context, value: dict[str, Any], kind: str, line: int, path: str) -> PolicyRef | None:
     metadata = _mapping(ctx, value.get("metadata"), f"{path}metadata", _line(value, "metadata", line),
                         _METADATA_FIELDS)
     if metadata is None:
@@ -239,12 +239,12 @@ def _compile_metadata(ctx: _Context, value: LocatedMap, kind: str, line: int, pa
                   f"{kind} {name!r} needs metadata.namespace: the namespace decides which workloads it "
                   "applies to, so it is never guessed")
         ok = False
-    if not ok:
+    if not ok or not isinstance(name, str) or not isinstance(namespace, str):
         return None
     return PolicyRef(kind, namespace, name, ctx.file, line)
 
 
-def _dry_run(ctx: _Context, value: LocatedMap, line: int) -> bool:
+def _dry_run(ctx: _Context, value: dict[str, Any], line: int) -> bool:
     metadata = value.get("metadata") or {}
     annotations = metadata.get("annotations") if isinstance(metadata, dict) else None
     if not isinstance(annotations, dict) or DRY_RUN_ANNOTATION not in annotations:
@@ -272,7 +272,7 @@ def _compile_scope(ctx: _Context, spec: LocatedMap, ref: PolicyRef) -> Scope:
         if selector is not None and not labels:
             ctx.warning(spec.line_of("selector"), "spec.selector",
                         "empty selector selects every workload in the namespace; remove it or add matchLabels")
-        if isinstance(labels, dict) and labels:
+        if selector is not None and isinstance(labels, dict) and labels:
             pairs = []
             for key, label_value in labels.items():
                 label_line = _line(labels, key, selector.line)
@@ -378,7 +378,8 @@ def _compile_jwt_rule(ctx: _Context, raw: Any, ref: PolicyRef, index: int, line:
     key_source = ""
     if jwks_text is not None and jwks_text != "":
         if not isinstance(jwks_text, str):
-            ctx.error(rule.line_of("jwks"), f"{path}.jwks", "expected the JWKS as a JSON string (use a YAML block scalar |)")
+            ctx.error(rule.line_of("jwks"), f"{path}.jwks",
+                      "expected the JWKS as a JSON string (use a YAML block scalar |)")
         else:
             problem = _jwks_problem(jwks_text)
             if problem:
@@ -455,7 +456,7 @@ def _compile_jwt_rule(ctx: _Context, raw: Any, ref: PolicyRef, index: int, line:
 def _jwks_problem(text: str) -> str | None:
     try:
         document = json.loads(text)
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         return f"inline jwks is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
     if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
         return 'inline jwks must be a JSON object with a "keys" list'
@@ -547,7 +548,8 @@ def _compile_authorization_policy(
         ctx.error(action_line, "spec.action", f"unknown action {raw_action!r}; expected ALLOW, DENY or AUDIT")
         return
     if spec.get("provider") is not None:
-        ctx.error(spec.line_of("provider"), "spec.provider", f"provider is only allowed with action CUSTOM, not {action.value}")
+        ctx.error(spec.line_of("provider"), "spec.provider",
+                  f"provider is only allowed with action CUSTOM, not {action.value}")
 
     raw_rules = spec.get("rules")
     if raw_rules is not None and not isinstance(raw_rules, list):
