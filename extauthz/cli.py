@@ -90,6 +90,8 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
          "minimum seconds between refetches caused by tokens with an unknown kid", type=_positive_float)
     flag("jwks-kid-refresh-wait", config.jwks.DEFAULT_KID_REFRESH_WAIT_S,
          "seconds a Check waits for a refetch its unknown kid caused", type=float)
+    flag("jwks-fetch-timeout", config.jwks.DEFAULT_FETCH_TIMEOUT_S,
+         "seconds a JWKS or OpenID fetch may take when the rule sets no timeout", type=_positive_float)
     flag("jwks-max-bytes", config.jwks.DEFAULT_MAX_JWKS_BYTES, "largest JWKS or OpenID document accepted",
          type=_non_negative_int)
 
@@ -139,6 +141,7 @@ def serve(args: argparse.Namespace) -> int:
         jwks_kid_cooldown_s=float(args.jwks_kid_cooldown),
         jwks_kid_refresh_wait_s=float(args.jwks_kid_refresh_wait),
         jwks_max_bytes=int(args.jwks_max_bytes),
+        jwks_fetch_timeout_s=float(args.jwks_fetch_timeout),
     )
     server = ExtAuthzServer(serve_config)
     stop_requested = threading.Event()

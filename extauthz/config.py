@@ -31,6 +31,7 @@ class ServeConfig:
     jwks_kid_cooldown_s: float = jwks.DEFAULT_KID_COOLDOWN_S
     jwks_kid_refresh_wait_s: float = jwks.DEFAULT_KID_REFRESH_WAIT_S
     jwks_max_bytes: int = jwks.DEFAULT_MAX_JWKS_BYTES
+    jwks_fetch_timeout_s: float = jwks.DEFAULT_FETCH_TIMEOUT_S
 
     def jwks_settings(self) -> jwks.JwksSettings:
         return jwks.JwksSettings(
@@ -38,4 +39,5 @@ class ServeConfig:
             kid_cooldown_s=self.jwks_kid_cooldown_s,
             kid_refresh_wait_s=self.jwks_kid_refresh_wait_s,
             max_bytes=self.jwks_max_bytes,
+            fetch_timeout_s=self.jwks_fetch_timeout_s,
         )

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
 
 from extauthz.decision import Decision, denied, token_denied
-from extauthz.jwks import JwksCache
+from extauthz.jwks import JwksCache, KeySet
 from extauthz.policy.model import (
     Action,
     AuthorizationPolicy,
@@ -26,11 +26,21 @@ from extauthz.policy.model import (
     TokenLocation,
 )
 from extauthz.request import RequestContext, VerifiedToken, Workload
-from extauthz.tokens import TokenError, check_audience, check_time, parse_jwt, verify_signature
+from extauthz.tokens import (
+    CLOCK_SKEW_S,
+    ParsedJwt,
+    TokenError,
+    check_audience,
+    check_time,
+    parse_jwt,
+    verify_signature,
+)
 
 logger = logging.getLogger("extauthz.engine")
 
 WORKLOAD_CACHE_SIZE = 4096
+TOKEN_CACHE_SIZE = 10_000
+TOKEN_CACHE_MAX_TTL_S = 300.0  # for tokens without exp
 _TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.=+/")
 _LOCATION_ORDER = {LocationKind.HEADER: 0, LocationKind.QUERY: 1, LocationKind.COOKIE: 2}
 
@@ -82,8 +92,21 @@ def _select(policy_set: PolicySet, workload: Workload, root_namespace: str) -> W
     )
 
 
+@dataclass(frozen=True)
+class CachedToken:
+    """A token that verified, valid while its key set is current and until `expires_at`."""
+
+    rule: JwtRule
+    token: VerifiedToken
+    keyset: KeySet
+    expires_at: float  # wall-clock seconds: exp plus clock skew
+
+
 class PolicySnapshot:
-    """One immutable policy revision, with the applicable policies cached per workload."""
+    """One immutable policy revision, with the applicable policies cached per workload.
+
+    It also holds the verified-token cache, so a new revision starts with an empty one.
+    """
 
     def __init__(self, policy_set: PolicySet, root_namespace: str) -> None:
         self.policy_set = policy_set
@@ -91,6 +114,13 @@ class PolicySnapshot:
         self.root_namespace = root_namespace
         self._by_workload: dict[Workload, WorkloadPolicies] = {}
         self._lock = threading.Lock()
+        self.tokens: dict[tuple[TokenLocation, str], CachedToken] = {}
+
+    def remember_token(self, key: tuple[TokenLocation, str], entry: CachedToken) -> None:
+        with self._lock:
+            while len(self.tokens) >= TOKEN_CACHE_SIZE:
+                self.tokens.pop(next(iter(self.tokens)))  # the oldest entry goes first
+            self.tokens[key] = entry
 
     def for_workload(self, workload: Workload) -> WorkloadPolicies:
         found = self._by_workload.get(workload)
@@ -176,6 +206,7 @@ class Authorizer:
         self.jwks = jwks
         self.snapshot = snapshot
         self._clock = clock
+        self.token_cache_hits = 0
 
     def decide(self, ctx: RequestContext, workload: Workload) -> Decision:
         snapshot = self.snapshot  # one read: the whole Check uses one revision
@@ -184,7 +215,7 @@ class Authorizer:
         revision = snapshot.revision
         policies = snapshot.for_workload(workload)
         try:
-            authentication = self.authenticate(ctx, policies)
+            authentication = self.authenticate(ctx, policies, snapshot)
         except TokenError as failure:
             return token_denied(failure, _realm(ctx), revision=revision)
         ctx.token = authentication.token
@@ -193,7 +224,8 @@ class Authorizer:
 
     # --- authentication -------------------------------------------------------------------
 
-    def authenticate(self, ctx: RequestContext, policies: WorkloadPolicies) -> Authentication:
+    def authenticate(self, ctx: RequestContext, policies: WorkloadPolicies,
+                     snapshot: PolicySnapshot | None = None) -> Authentication:
         result = Authentication()
         if not policies.jwt_rules:
             return result  # without a RequestAuthentication the token is not looked at
@@ -206,7 +238,7 @@ class Authorizer:
             text = extract_token(ctx, location)
             if text is None:
                 continue
-            outcome = self._verify(text, rules)
+            outcome = self._verify_cached(location, text, rules, snapshot)
             if outcome is not None:
                 verified.append((location, outcome[0], outcome[1]))
         if not verified and any(rule.failure_mode is FailureMode.STRICT for rule in policies.jwt_rules):
@@ -236,7 +268,33 @@ class Authorizer:
             result.token = verified[0][2]
         return result
 
-    def _verify(self, text: str, rules: tuple[JwtRule, ...]) -> tuple[JwtRule, VerifiedToken] | None:
+    def _verify_cached(self, location: TokenLocation, text: str, rules: tuple[JwtRule, ...],
+                       snapshot: PolicySnapshot | None) -> tuple[JwtRule, VerifiedToken] | None:
+        """Verify a token, skipping the signature check for a token verified before.
+
+        A cached entry serves only while the key set it was verified with is the current
+        one (a rotation or refetch drops it) and until the token's exp plus clock skew.
+        """
+        if snapshot is None:
+            outcome = self._verify(text, rules)
+            return (outcome[0], outcome[1]) if outcome else None
+        key = (location, text)
+        cached = snapshot.tokens.get(key)
+        if cached is not None:
+            if self._clock() <= cached.expires_at and self.jwks.keyset(cached.rule.key_source) is cached.keyset:
+                self.token_cache_hits += 1
+                return cached.rule, cached.token
+            snapshot.tokens.pop(key, None)
+        outcome = self._verify(text, rules)
+        if outcome is None:
+            return None
+        rule, token, keyset = outcome
+        exp = token.payload.get("exp")
+        expires_at = exp + CLOCK_SKEW_S if exp is not None else self._clock() + TOKEN_CACHE_MAX_TTL_S
+        snapshot.remember_token(key, CachedToken(rule, token, keyset, expires_at))
+        return rule, token
+
+    def _verify(self, text: str, rules: tuple[JwtRule, ...]) -> tuple[JwtRule, VerifiedToken, KeySet] | None:
         """Verify one token against the rules of its location; None when ignored (failureMode IGNORE)."""
         ignore = all(rule.failure_mode is FailureMode.IGNORE for rule in rules)
         try:
@@ -247,12 +305,12 @@ class Authorizer:
             first_failure: TokenError | None = None
             for rule in candidates:
                 try:
-                    self._verify_for_rule(jwt, rule)
+                    keyset = self._verify_for_rule(jwt, rule)
                 except TokenError as failure:
                     first_failure = first_failure or failure
                     continue
                 token = VerifiedToken(jwt.payload, jwt.payload_segment, jwt.issuer, jwt.subject, rule.split_claims)
-                return rule, token
+                return rule, token, keyset
             assert first_failure is not None
             raise first_failure
         except TokenError:
@@ -260,7 +318,7 @@ class Authorizer:
                 return None
             raise
 
-    def _verify_for_rule(self, jwt, rule: JwtRule) -> None:  # type: ignore[no-untyped-def]
+    def _verify_for_rule(self, jwt: ParsedJwt, rule: JwtRule) -> KeySet:
         check_time(jwt, self._clock())
         check_audience(jwt, rule.audiences)
         keyset = self.jwks.keyset(rule.key_source)
@@ -271,6 +329,7 @@ class Authorizer:
         if not keyset.keys:
             raise TokenError("jwks_no_valid_key")
         verify_signature(jwt, keyset.keys)
+        return keyset
 
     # --- authorization --------------------------------------------------------------------
 

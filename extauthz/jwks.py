@@ -31,6 +31,7 @@ DEFAULT_KID_COOLDOWN_S = 30.0
 DEFAULT_KID_REFRESH_WAIT_S = 0.1
 DEFAULT_MAX_JWKS_BYTES = 1024 * 1024
 DEFAULT_STARTUP_TIMEOUT_S = 10.0
+DEFAULT_FETCH_TIMEOUT_S = 5.0  # Istio's default for a JWTRule timeout
 RETRY_INITIAL_S = 1.0
 RETRY_MAX_S = 60.0
 REFRESH_JITTER = 0.1  # +-10 % so that several replicas do not refetch in step
@@ -76,6 +77,7 @@ class JwksSettings:
     kid_cooldown_s: float = DEFAULT_KID_COOLDOWN_S
     kid_refresh_wait_s: float = DEFAULT_KID_REFRESH_WAIT_S
     max_bytes: int = DEFAULT_MAX_JWKS_BYTES
+    fetch_timeout_s: float = DEFAULT_FETCH_TIMEOUT_S
 
 
 class RemoteKeySource:
@@ -88,11 +90,12 @@ class RemoteKeySource:
         self.keyset: KeySet | None = None
         self.last_error: str | None = None
         self.attempts = 0
+        self.kid_refreshes = 0
         self._attempted = threading.Event()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._changed = threading.Condition()
-        self._last_attempt_at = -float("inf")
+        self._last_kid_refresh_at = -float("inf")
         self._refresh_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"jwks-refresh {spec.url}", daemon=True)
 
@@ -107,12 +110,18 @@ class RemoteKeySource:
         return self._attempted.wait(timeout)
 
     def request_refresh(self) -> bool:
-        """Ask for an early fetch; returns False while the cooldown since the last attempt runs."""
+        """Ask for an early fetch; returns False while the cooldown since the last such request runs.
+
+        Scheduled fetches do not start the cooldown, so the first token signed with a
+        newly rotated key triggers its refetch at once.
+        """
         with self._refresh_lock:
-            if time.monotonic() - self._last_attempt_at < self._settings.kid_cooldown_s:
+            now = time.monotonic()
+            if now - self._last_kid_refresh_at < self._settings.kid_cooldown_s:
                 return False
-            # Claim the slot now, so concurrent unknown-kid requests do not all trigger.
-            self._last_attempt_at = time.monotonic()
+            # Claim the slot under the lock, so concurrent unknown-kid requests trigger once.
+            self._last_kid_refresh_at = now
+        self.kid_refreshes += 1
         self._wake.set()
         return True
 
@@ -131,8 +140,6 @@ class RemoteKeySource:
     def _run(self) -> None:
         retry_delay = RETRY_INITIAL_S
         while not self._stop.is_set():
-            with self._refresh_lock:
-                self._last_attempt_at = time.monotonic()
             ok = self._fetch_once()
             self._attempted.set()
             if ok:
@@ -167,6 +174,9 @@ class RemoteKeySource:
                     sorted(k.kid for k in keys if k.kid) or "none")
         return True
 
+    def _timeout(self) -> float:
+        return self.spec.timeout_s or self._settings.fetch_timeout_s
+
     def _fallback(self) -> str:
         if self.keyset is not None:
             return "keeping the last good key set"
@@ -177,11 +187,11 @@ class RemoteKeySource:
         url = spec.url
         if spec.discovery:
             url = self._discover(url)
-        body = self._fetcher.fetch(url, spec.timeout_s, self._settings.max_bytes)
+        body = self._fetcher.fetch(url, self._timeout(), self._settings.max_bytes)
         return parse_jwks(body, url)
 
     def _discover(self, discovery_url: str) -> str:
-        body = self._fetcher.fetch(discovery_url, self.spec.timeout_s, self._settings.max_bytes)
+        body = self._fetcher.fetch(discovery_url, self._timeout(), self._settings.max_bytes)
         try:
             document = json.loads(body)
         except (ValueError, UnicodeDecodeError):
@@ -212,7 +222,7 @@ class JwksCache:
             known = self._inline.get(item.key_source)
             if known is None:
                 try:
-                    keys = parse_jwks(item.text, f"inline jwks of {item.origin}")
+                    keys = parse_jwks(item.text, f"inline jwks of {item.origin}", allow_oct=True)
                 except JwksFetchError as exc:  # validated at load; kept for safety
                     logger.error("%s", exc)
                     keys = ()

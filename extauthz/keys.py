@@ -88,9 +88,11 @@ def parse_jwk(entry: Any) -> Jwk:
     return Jwk(kid or None, alg, kty, crv, key)
 
 
-def parse_jwks(document: bytes | str, origin: str) -> tuple[Jwk, ...]:
+def parse_jwks(document: bytes | str, origin: str, *, allow_oct: bool = False) -> tuple[Jwk, ...]:
     """Parse a JWKS document; unusable keys are logged and skipped.
 
+    Symmetric `oct` keys are accepted only with `allow_oct`, which inline `jwks` sets: a
+    shared secret fetched from a URL would let anyone who can read it mint tokens.
     Raises JwksFetchError when the document is not a JWKS at all.
     """
     try:
@@ -102,6 +104,8 @@ def parse_jwks(document: bytes | str, origin: str) -> tuple[Jwk, ...]:
     keys = []
     for index, entry in enumerate(value["keys"]):
         try:
+            if not allow_oct and isinstance(entry, dict) and entry.get("kty") == "oct":
+                raise ValueError("symmetric oct keys are accepted only in an inline jwks")
             keys.append(parse_jwk(entry))
         except ValueError as exc:
             kid = entry.get("kid") if isinstance(entry, dict) else None

@@ -107,7 +107,7 @@ class JwtRule:
     forward_original_token: bool
     output_payload_to_header: str | None
     output_claim_to_headers: tuple[ClaimToHeader, ...]
-    timeout_s: float
+    timeout_s: float | None
     split_claims: frozenset[str]
     failure_mode: FailureMode
 
@@ -180,7 +180,7 @@ class RemoteJwks:
     key_source: str
     url: str
     discovery: bool
-    timeout_s: float
+    timeout_s: float | None  # None: the server default
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,6 @@ from extauthz.tokens import normalize_audience
 
 API_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
 KINDS = ("RequestAuthentication", "AuthorizationPolicy")
-DEFAULT_JWKS_TIMEOUT_S = 5.0
 ALWAYS_SPLIT_CLAIMS = frozenset({"scope", "permission"})
 DRY_RUN_ANNOTATION = "istio.io/dry-run"
 
@@ -365,7 +364,7 @@ def _compile_jwt_rule(ctx: _Context, raw: Any, ref: PolicyRef, index: int, line:
 
     audiences = _string_list(ctx, rule, "audiences", path) or []
 
-    timeout_s = DEFAULT_JWKS_TIMEOUT_S
+    timeout_s: float | None = None  # None: the server's --jwks-fetch-timeout
     if "timeout" in rule:
         parsed = _parse_duration(rule["timeout"])
         if parsed is None or parsed <= 0:
@@ -391,7 +390,7 @@ def _compile_jwt_rule(ctx: _Context, raw: Any, ref: PolicyRef, index: int, line:
     elif jwks_uri:
         key_source = jwks_uri
         known = ctx.result.remote_jwks.get(key_source)
-        if known is None or timeout_s > known.timeout_s:
+        if known is None or (timeout_s or 0) > (known.timeout_s or 0):
             ctx.result.remote_jwks[key_source] = RemoteJwks(key_source, jwks_uri, False, timeout_s)
     elif issuer:
         discovery_url = issuer.rstrip("/") + "/.well-known/openid-configuration"
