@@ -63,12 +63,12 @@ class PolicyReloader:
             self._report(exc, kept)
             self._seen_revision = None
             return False
-        revision = revision_of(contents)
+        revision = revision_of(contents, self.directory)
         if revision == self._seen_revision:
             return False  # same content: a touch or a rewrite with the same bytes
         self._seen_revision = revision
         try:
-            policy_set = compile_policy_files(contents)
+            policy_set = compile_policy_files(contents, revision)
         except PolicyError as exc:
             self._report(exc, kept, revision)
             return False
@@ -95,7 +95,10 @@ class PolicyReloader:
 
     def _report(self, exc: PolicyError, kept: str, revision: str | None = None) -> None:
         errors = [p for p in exc.problems if p.severity == "error"]
-        self.last_error = str(errors[0]) if errors else str(exc)
+        message = str(errors[0]) if errors else str(exc)
+        if message == self.last_error and revision is None:
+            return  # the same unreadable directory again: logged once already
+        self.last_error = message
         what = f"policy revision {revision}" if revision else f"policy directory {self.directory}"
         logger.error("%s rejected with %d error(s); %s", what, len(errors), kept)
         for problem in exc.problems:
@@ -113,9 +116,10 @@ class PolicyReloader:
     def _watch(self) -> None:
         while not self._stop.is_set():
             if not self.directory.is_dir():
-                self.reload()  # logs the missing directory and keeps the revision
+                self.reload()  # logs the missing directory once and keeps the revision
                 self._stop.wait(RETRY_WATCH_S)
                 continue
+            self.reload()  # picks up what changed while nothing watched, such as a re-created directory
             try:
                 # Every event, whatever its kind, leads to a full re-read: the content hash
                 # decides whether a new revision exists. That also catches the atomic

@@ -50,16 +50,24 @@ def read_policy_files(directory: Path) -> list[tuple[str, bytes]]:
     return contents
 
 
-def revision_of(contents: list[tuple[str, bytes]]) -> str:
-    """Hash file names and contents: the same files give the same revision id."""
+def revision_of(contents: list[tuple[str, bytes]], directory: Path | None = None) -> str:
+    """Hash file names and contents: the same files give the same revision id.
+
+    Names are taken relative to `directory`, so `validate` and `serve` report the same
+    revision however the directory is spelled.
+    """
     digest = hashlib.sha256()
-    for name, data in sorted(contents):
+    named = [(os.path.relpath(name, directory) if directory else name, data) for name, data in contents]
+    for name, data in sorted(named):
         digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
     return digest.hexdigest()[:REVISION_LENGTH]
 
 
-def compile_policy_files(contents: list[tuple[str, bytes]]) -> PolicySet:
-    """Validate and compile file contents; raises PolicyError listing every error found."""
+def compile_policy_files(contents: list[tuple[str, bytes]], revision: str | None = None) -> PolicySet:
+    """Validate and compile file contents; raises PolicyError listing every error found.
+
+    `revision` defaults to the hash of `contents` as named.
+    """
     result = CompileResult()
     for name, data in contents:
         try:
@@ -78,7 +86,7 @@ def compile_policy_files(contents: list[tuple[str, bytes]]) -> PolicySet:
     if errors:
         raise PolicyError(result.problems)
     return PolicySet(
-        revision=revision_of(contents),
+        revision=revision or revision_of(contents),
         request_authentications=tuple(result.request_authentications),
         authorization_policies=tuple(result.authorization_policies),
         inline_jwks=tuple(result.inline_jwks.values()),
@@ -102,4 +110,5 @@ def _check_duplicates(result: CompileResult) -> None:
 
 def load_policy_dir(directory: Path) -> PolicySet:
     """Read, validate and compile a policy directory; raises PolicyError."""
-    return compile_policy_files(read_policy_files(directory))
+    contents = read_policy_files(directory)
+    return compile_policy_files(contents, revision_of(contents, directory))
