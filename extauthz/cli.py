@@ -24,7 +24,7 @@ from extauthz.errors import ConfigError, PolicyError
 
 logger = logging.getLogger("extauthz")
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(process)d]: %(message)s"
 
 
 def _env(flag: str) -> str | None:
@@ -79,7 +79,13 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
          "this many places from the right", type=_non_negative_int)
     flag("log-level", "INFO", "DEBUG, INFO, WARNING or ERROR", type=str.upper,
          choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    flag("threads", config.DEFAULT_THREADS, "size of the thread pool that serves Checks", type=_non_negative_int)
+    flag("workers", None, "server processes sharing the port (SO_REUSEPORT); default: one per available CPU, "
+         "or 1 with port 0", type=_non_negative_int)
+    flag("threads", config.DEFAULT_THREADS, "size of the thread pool that serves Checks in each process",
+         type=_non_negative_int)
+    flag("max-concurrent-streams", config.DEFAULT_MAX_CONCURRENT_STREAMS,
+         "HTTP/2 streams per connection; a low limit makes Envoy open more connections, which "
+         "SO_REUSEPORT spreads over the workers", type=_non_negative_int)
     flag("grace-period", config.DEFAULT_GRACE_PERIOD_S, "seconds in-flight Checks get to finish on shutdown",
          type=_positive_float)
     flag("startup-timeout", config.jwks.DEFAULT_STARTUP_TIMEOUT_S,
@@ -142,7 +148,11 @@ def serve(args: argparse.Namespace) -> int:
         jwks_kid_refresh_wait_s=float(args.jwks_kid_refresh_wait),
         jwks_max_bytes=int(args.jwks_max_bytes),
         jwks_fetch_timeout_s=float(args.jwks_fetch_timeout),
+        max_concurrent_streams=max(1, int(args.max_concurrent_streams)),
     )
+    workers = _worker_count(args.workers, serve_config.listen)
+    if workers > 1:
+        return _serve_workers(serve_config, workers)
     server = ExtAuthzServer(serve_config)
     stop_requested = threading.Event()
 
@@ -167,6 +177,39 @@ def serve(args: argparse.Namespace) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+def _worker_count(requested: int | str | None, listen: str) -> int:
+    if listen.rsplit(":", 1)[-1] == "0":
+        if requested not in (None, 1, "1"):
+            logger.warning("--listen with port 0 runs one worker: workers can only share a fixed port")
+        return 1
+    if requested is None:
+        return len(os.sched_getaffinity(0))
+    return max(1, int(requested))
+
+
+def _serve_workers(serve_config: config.ServeConfig, workers: int) -> int:
+    from dataclasses import replace
+
+    from extauthz.supervisor import Supervisor
+
+    supervisor = Supervisor(replace(serve_config, reuse_port=True), workers, LOG_FORMAT)
+    stop_count = 0
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stop_count
+        stop_count += 1
+        if stop_count > 1:
+            logger.warning("second signal: exiting at once")
+            os._exit(1)
+        logger.info("received %s: stopping %d workers", signal.Signals(signum).name, workers)
+        supervisor.request_stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    logger.info("starting %d worker processes on %s", workers, serve_config.listen)
+    return supervisor.run()
 
 
 def validate(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ DEFAULT_LISTEN = "0.0.0.0:9001"
 DEFAULT_ROOT_NAMESPACE = "istio-system"
 DEFAULT_THREADS = 8
 DEFAULT_GRACE_PERIOD_S = 10.0
+DEFAULT_MAX_CONCURRENT_STREAMS = 32
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,8 @@ class ServeConfig:
     threads: int = DEFAULT_THREADS
     grace_period_s: float = DEFAULT_GRACE_PERIOD_S
     watch: bool = True
+    reuse_port: bool = False  # set for worker processes that share one port
+    max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS
     startup_timeout_s: float = jwks.DEFAULT_STARTUP_TIMEOUT_S
     jwks_refresh_interval_s: float = jwks.DEFAULT_REFRESH_INTERVAL_S
     jwks_kid_cooldown_s: float = jwks.DEFAULT_KID_COOLDOWN_S

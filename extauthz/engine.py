@@ -8,6 +8,7 @@ before any AuthorizationPolicy runs), then DENY policies, then ALLOW policies.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -41,7 +42,7 @@ logger = logging.getLogger("extauthz.engine")
 WORKLOAD_CACHE_SIZE = 4096
 TOKEN_CACHE_SIZE = 10_000
 TOKEN_CACHE_MAX_TTL_S = 300.0  # for tokens without exp
-_TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.=+/")
+_TOKEN = re.compile(r"[A-Za-z0-9\-_.=+/]+")
 _LOCATION_ORDER = {LocationKind.HEADER: 0, LocationKind.QUERY: 1, LocationKind.COOKIE: 2}
 
 
@@ -157,14 +158,8 @@ def extract_token(ctx: RequestContext, location: TokenLocation) -> str | None:
         position = value.find(location.prefix)
         if position < 0:
             return None
-        rest = value[position + len(location.prefix):]
-        start = 0
-        while start < len(rest) and rest[start] not in _TOKEN_CHARS:
-            start += 1
-        end = start
-        while end < len(rest) and rest[end] in _TOKEN_CHARS:
-            end += 1
-        return rest[start:end] or None
+        match = _TOKEN.search(value, position + len(location.prefix))
+        return match.group() if match else None
     if location.kind is LocationKind.QUERY:
         for name, value in parse_qsl(ctx.query, keep_blank_values=True):
             if name == location.name:

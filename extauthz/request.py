@@ -6,6 +6,7 @@ directly. Attribute names follow Istio's authorization conditions.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,6 +69,7 @@ class RequestContext:
         return self.headers.get(name)
 
 
+@functools.lru_cache(maxsize=4096)  # peers and proxies repeat, so most Checks hit the cache
 def parse_ip(text: str | None) -> IpAddress | None:
     """Parse an IP address, returning None for an empty or invalid value."""
     if not text:

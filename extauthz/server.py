@@ -46,7 +46,12 @@ class ExtAuthzServer:
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.config.threads, thread_name_prefix="check"),
-            options=[("grpc.so_reuseport", 0)],
+            options=[
+                # Without worker processes, a second server on the same port must fail
+                # instead of silently sharing it, as grpcio does by default on Linux.
+                ("grpc.so_reuseport", 1 if self.config.reuse_port else 0),
+                ("grpc.max_concurrent_streams", self.config.max_concurrent_streams),
+            ],
         )
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

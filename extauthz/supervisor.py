@@ -1,0 +1,107 @@
+"""Run several server processes that share one listening port (`serve --workers N`).
+
+grpcio serves Python code on one core at a time per process, so using more cores takes
+more processes. They bind the same port with SO_REUSEPORT, and the kernel spreads new
+connections over them. Connections, not requests, are spread: Envoy keeps few HTTP/2
+connections, which is why the server limits concurrent streams per connection
+(`--max-concurrent-streams`) so that Envoy opens more connections under load.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from multiprocessing.process import BaseProcess
+
+from extauthz.config import ServeConfig
+
+logger = logging.getLogger("extauthz.supervisor")
+
+RESTART_DELAY_S = 1.0
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+MONITOR_INTERVAL_S = 0.5
+
+
+def run_worker(config: ServeConfig, log_format: str) -> None:
+    """Entry point of one worker process: serve until SIGTERM or SIGINT, then drain."""
+    from extauthz.errors import ConfigError
+    from extauthz.server import ExtAuthzServer
+
+    logging.basicConfig(level=config.log_level, format=log_format)
+    _stop_with_parent()
+    stop_requested = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda _signum, _frame: stop_requested.set())
+    server = ExtAuthzServer(config)
+    try:
+        server.start()
+    except ConfigError as exc:
+        logger.error("%s", exc)
+        raise SystemExit(2) from None
+    stop_requested.wait()
+    server.stop(config.grace_period_s)
+
+
+def _stop_with_parent() -> None:
+    """Ask Linux to send this worker SIGTERM when the supervisor dies, even by SIGKILL."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        logger.debug("prctl is not available; a killed supervisor leaves its workers running")
+
+
+class Supervisor:
+    """Start `workers` processes, restart any that dies, and stop them all on a signal."""
+
+    def __init__(self, config: ServeConfig, workers: int, log_format: str) -> None:
+        self.config = config
+        self.workers = workers
+        self.log_format = log_format
+        self._context = multiprocessing.get_context("spawn")  # no grpc state crosses a fork
+        self._processes: list[BaseProcess] = []
+        self._stop = threading.Event()
+
+    def _spawn(self) -> BaseProcess:
+        process = self._context.Process(target=run_worker, args=(self.config, self.log_format),
+                                        name="extauthz-worker", daemon=False)
+        process.start()
+        logger.info("started worker pid %d", process.pid)
+        return process
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> int:
+        self._processes = [self._spawn() for _ in range(self.workers)]
+        while not self._stop.wait(MONITOR_INTERVAL_S):
+            for index, process in enumerate(self._processes):
+                if process.is_alive():
+                    continue
+                if process.exitcode == 2:
+                    logger.error("worker pid %d could not start; stopping", process.pid)
+                    self._stop.set()
+                    break
+                logger.error("worker pid %d exited with code %s; restarting it", process.pid, process.exitcode)
+                time.sleep(RESTART_DELAY_S)
+                self._processes[index] = self._spawn()
+        return self._shutdown()
+
+    def _shutdown(self) -> int:
+        for process in self._processes:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.config.grace_period_s + 5
+        for process in self._processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                logger.warning("worker pid %d did not stop in time; killing it", process.pid)
+                process.kill()
+                process.join(5)
+        failed = [p for p in self._processes if p.exitcode not in (0, -signal.SIGTERM)]
+        return 2 if any(p.exitcode == 2 for p in failed) else 0

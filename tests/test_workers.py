@@ -1,0 +1,55 @@
+"""`serve --workers 2`: two processes share one port, and a signal stops them all."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.support.check_requests import build_check_request, send_check
+from tests.support.processes import grpc_health_status
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_two_workers_share_port_and_stop(tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "extauthz", "serve", "--policies", str(REPO / "policies"),
+             "--listen", f"127.0.0.1:{port}", "--workers", "2", "--workload-namespace", "demo",
+             "--workload-label", "app=httpbin"],
+            stdout=output, stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 30
+        while len(re.findall(r"\[(\d+)\]: listening on", log.read_text())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        pids = set(re.findall(r"\[(\d+)\]: listening on 127\.0\.0\.1:(\d+)", log.read_text()))
+        assert len(pids) == 2, log.read_text()
+        assert {p for _, p in pids} == {str(port)}
+
+        address = f"127.0.0.1:{port}"
+        while grpc_health_status(address) != "SERVING" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        response = send_check(address, build_check_request(path="/public/x"))
+        assert response.status.code == 0
+
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        assert log.read_text().count("extauthz.server") >= 4  # both listened and both stopped
+        assert log.read_text().count(": stopped") == 2
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
