@@ -21,10 +21,10 @@ from typing import Any
 
 from extauthz import __version__, config
 from extauthz.errors import ConfigError, PolicyError
+from extauthz.logs import configure_logging
 
 logger = logging.getLogger("extauthz")
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(process)d]: %(message)s"
 
 
 def _env(flag: str) -> str | None:
@@ -77,8 +77,9 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
              "(env EXTAUTHZ_WORKLOAD_LABEL, comma-separated)")
     flag("xff-num-trusted-hops", 0, "trusted proxies that append to X-Forwarded-For; remote.ip is the entry "
          "this many places from the right", type=_non_negative_int)
-    flag("log-level", "INFO", "DEBUG, INFO, WARNING or ERROR", type=str.upper,
-         choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    flag("log-level", "INFO", "DEBUG adds the trace of every decision; INFO logs one line per decision; "
+         "WARNING or ERROR log problems only", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    flag("log-format", "text", "text or json (one object per line)", choices=("text", "json"))
     flag("workers", None, "server processes sharing the port (SO_REUSEPORT); default: one per available CPU, "
          "or 1 with port 0", type=_non_negative_int)
     flag("threads", config.DEFAULT_THREADS, "size of the thread pool that serves Checks in each process",
@@ -131,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 def serve(args: argparse.Namespace) -> int:
     from extauthz.server import ExtAuthzServer
 
-    logging.basicConfig(level=args.log_level, format=LOG_FORMAT, stream=sys.stderr)
+    configure_logging(args.log_level, args.log_format)
     serve_config = config.ServeConfig(
         policies=Path(args.policies),
         listen=args.listen,
@@ -140,6 +141,7 @@ def serve(args: argparse.Namespace) -> int:
         workload_labels=dict(args.workload_label or []),
         xff_num_trusted_hops=int(args.xff_num_trusted_hops),
         log_level=args.log_level,
+        log_format=args.log_format,
         threads=max(1, int(args.threads)),
         grace_period_s=float(args.grace_period),
         startup_timeout_s=float(args.startup_timeout),
@@ -194,7 +196,7 @@ def _serve_workers(serve_config: config.ServeConfig, workers: int) -> int:
 
     from extauthz.supervisor import Supervisor
 
-    supervisor = Supervisor(replace(serve_config, reuse_port=True), workers, LOG_FORMAT)
+    supervisor = Supervisor(replace(serve_config, reuse_port=True), workers)
     stop_count = 0
 
     def on_signal(signum: int, _frame: object) -> None:

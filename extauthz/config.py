@@ -24,6 +24,7 @@ class ServeConfig:
     workload_labels: dict[str, str] = field(default_factory=dict)
     xff_num_trusted_hops: int = 0
     log_level: str = "INFO"
+    log_format: str = "text"
     threads: int = DEFAULT_THREADS
     grace_period_s: float = DEFAULT_GRACE_PERIOD_S
     watch: bool = True

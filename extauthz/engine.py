@@ -203,28 +203,40 @@ class Authorizer:
         self._clock = clock
         self.token_cache_hits = 0
 
-    def decide(self, ctx: RequestContext, workload: Workload) -> Decision:
+    def decide(self, ctx: RequestContext, workload: Workload, trace: list[str] | None = None) -> Decision:
+        """Decide one request; with `trace`, append each step of the decision to it in words."""
         snapshot = self.snapshot  # one read: the whole Check uses one revision
         if snapshot is None:
+            if trace is not None:
+                trace.append("no policy revision is loaded, so every request is denied")
             return denied("policies_not_loaded")
         revision = snapshot.revision
         policies = snapshot.for_workload(workload)
+        if trace is not None:
+            trace.extend(describe_policies(workload, policies, revision))
         try:
-            authentication = self.authenticate(ctx, policies, snapshot)
+            authentication = self.authenticate(ctx, policies, snapshot, trace)
         except TokenError as failure:
+            if trace is not None:
+                trace.append(f"token rejected: {failure.body} (reason {failure.reason}); "
+                             "AuthorizationPolicies are not evaluated")
             return token_denied(failure, _realm(ctx), revision=revision)
         ctx.token = authentication.token
         principal = authentication.token.principal if authentication.token else None
-        return self.authorize(ctx, policies, authentication, revision, principal)
+        return self.authorize(ctx, policies, authentication, revision, principal, trace)
 
     # --- authentication -------------------------------------------------------------------
 
     def authenticate(self, ctx: RequestContext, policies: WorkloadPolicies,
-                     snapshot: PolicySnapshot | None = None) -> Authentication:
+                     snapshot: PolicySnapshot | None = None, trace: list[str] | None = None) -> Authentication:
         result = Authentication()
         if not policies.jwt_rules:
+            if trace is not None:
+                trace.append("no RequestAuthentication applies, so any token is ignored")
             return result  # without a RequestAuthentication the token is not looked at
         if _is_cors_preflight(ctx):
+            if trace is not None:
+                trace.append("CORS preflight: authentication is skipped")
             return result
         verified: list[tuple[TokenLocation, JwtRule, VerifiedToken]] = []
         # Every token found must verify: several tokens in one request are undefined in
@@ -233,9 +245,19 @@ class Authorizer:
             text = extract_token(ctx, location)
             if text is None:
                 continue
+            if trace is not None:
+                trace.append(f"token found in {location}")
             outcome = self._verify_cached(location, text, rules, snapshot)
             if outcome is not None:
                 verified.append((location, outcome[0], outcome[1]))
+                if trace is not None:
+                    rule, token = outcome
+                    trace.append(f"token verified by RequestAuthentication {rule.policy} jwtRules[{rule.index}] "
+                                 f"(issuer {rule.issuer!r}); request principal {token.principal!r}")
+            elif trace is not None:
+                trace.append("token ignored: its rules have failureMode IGNORE")
+        if trace is not None and not verified:
+            trace.append("no token verified: the request is unauthenticated")
         if not verified and any(rule.failure_mode is FailureMode.STRICT for rule in policies.jwt_rules):
             raise TokenError("jwt_missing")
 
@@ -329,21 +351,33 @@ class Authorizer:
     # --- authorization --------------------------------------------------------------------
 
     def authorize(self, ctx: RequestContext, policies: WorkloadPolicies, authentication: Authentication,
-                  revision: str, principal: str | None) -> Decision:
+                  revision: str, principal: str | None, trace: list[str] | None = None) -> Decision:
         shadow = tuple(_shadow_results(ctx, policies.dry_run))
         audited = any(policy.first_match(ctx) is not None for policy in policies.audit)
+        if trace is not None:
+            trace.extend(f"dry-run: {result}" for result in shadow)
+            if audited:
+                trace.append("an AUDIT policy matched: the request is marked for auditing")
         for policy in policies.deny:
             index = policy.first_match(ctx)
+            if trace is not None:
+                trace.append(_describe_match(ctx, policy, index))
             if index is not None:
                 return denied("denied_by_policy", revision=revision, policy=str(policy.ref), rule=index,
                               principal=principal, shadow=shadow, audited=audited)
         matched: tuple[str, int] | None = None
         for policy in policies.allow:
             index = policy.first_match(ctx)
+            if trace is not None:
+                trace.append(_describe_match(ctx, policy, index))
             if index is not None:
                 matched = (str(policy.ref), index)
                 break
+        if trace is not None and not policies.allow:
+            trace.append("no ALLOW policy applies, so the request is allowed")
         if policies.allow and matched is None:
+            if trace is not None:
+                trace.append("ALLOW policies apply but none matched: denied")
             return denied("no_allow_policy_matched", revision=revision, principal=principal, shadow=shadow,
                           audited=audited)
         return Decision(
@@ -361,6 +395,29 @@ class Authorizer:
             audited=audited,
             shadow=shadow,
         )
+
+
+def describe_policies(workload: Workload, policies: WorkloadPolicies, revision: str) -> list[str]:
+    """Describe which policies of a revision apply to a workload."""
+    labels = ", ".join(f"{k}={v}" for k, v in sorted(workload.labels)) or "no labels"
+    lines = [f"revision {revision}; workload namespace {workload.namespace!r} ({labels})"]
+    lines.append("RequestAuthentication: " + (", ".join(policies.request_authentications) or "none applies"))
+    for action, bucket in (("DENY", policies.deny), ("ALLOW", policies.allow), ("AUDIT", policies.audit),
+                           ("dry-run", policies.dry_run)):
+        if bucket:
+            lines.append(f"{action} policies: " + ", ".join(str(p.ref) for p in bucket))
+    if not (policies.deny or policies.allow or policies.audit or policies.dry_run):
+        lines.append("AuthorizationPolicy: none applies")
+    return lines
+
+
+def _describe_match(ctx: RequestContext, policy: AuthorizationPolicy, index: int | None) -> str:
+    if index is not None:
+        return f"{policy.action.value} {policy.ref} rules[{index}] matched"
+    if not policy.rules:
+        return f"{policy.action.value} {policy.ref} has no rules, so it matches nothing"
+    reasons = "; ".join(f"rules[{i}] {rule.mismatch(ctx)}" for i, rule in enumerate(policy.rules))
+    return f"{policy.action.value} {policy.ref} did not match: {reasons}"
 
 
 def _shadow_results(ctx: RequestContext, dry_run: tuple[AuthorizationPolicy, ...]) -> list[str]:

@@ -7,6 +7,7 @@ built by `check_response`, and anything unexpected answers deny.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -15,10 +16,10 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from extauthz.decision import Decision, denied
 from extauthz.engine import Authorizer
+from extauthz.logs import decision_fields, decision_logger, log_decision
 from extauthz.request import InvalidPathError, RequestContext, Workload, parse_ip, split_path
 
 logger = logging.getLogger("extauthz.check")
-decision_logger = logging.getLogger("extauthz.decision")
 
 SPIFFE_PREFIX = "spiffe://"
 WARNING_INTERVAL_S = 60.0
@@ -115,11 +116,17 @@ def workload_from_check(request: external_auth_pb2.CheckRequest, settings: Check
     return Workload.of(namespace, labels)
 
 
-def check_response(decision: Decision) -> external_auth_pb2.CheckResponse:
+def check_response(decision: Decision, decision_id: str = "") -> external_auth_pb2.CheckResponse:
     """Build the CheckResponse for a decision."""
     response = external_auth_pb2.CheckResponse()
     response.status.code = decision.grpc_code
-    metadata = {"reason": decision.reason, "revision": decision.revision}
+    metadata: dict[str, object] = {"reason": decision.reason, "revision": decision.revision}
+    if decision_id:
+        metadata["decision_id"] = decision_id
+    if decision.audited:
+        metadata["audited"] = True
+    if decision.shadow:
+        metadata["dry_run"] = list(decision.shadow)
     if decision.principal:
         metadata["principal"] = decision.principal
     if decision.policy:
@@ -147,6 +154,13 @@ def check_response(decision: Decision) -> external_auth_pb2.CheckResponse:
     return response
 
 
+def _decision_id(request: external_auth_pb2.CheckRequest) -> str:
+    """Return the request's x-request-id (set by Envoy), or a new random id."""
+    http = request.attributes.request.http
+    request_id = http.headers.get("x-request-id") or http.id
+    return request_id[:128] if request_id else os.urandom(8).hex()
+
+
 _FALLBACK_DENY = external_auth_pb2.CheckResponse()
 _FALLBACK_DENY.status.code = 13
 _FALLBACK_DENY.denied_response.status.code = 403  # type: ignore[assignment]
@@ -160,23 +174,31 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
 
     def Check(self, request: external_auth_pb2.CheckRequest, context: object) -> external_auth_pb2.CheckResponse:  # noqa: N802
         started = time.perf_counter()
+        decision_id = ""
+        outcome: tuple[Decision, RequestContext | None, Workload | None]
         try:
-            decision = self.decide(request)
+            decision_id = _decision_id(request)
+            outcome = self.decide(request, decision_id)
         except Exception:
-            logger.exception("Check failed inside the service; answering deny")
-            decision = denied("internal_error")
+            logger.exception("Check %s failed inside the service; answering deny", decision_id)
+            outcome = (denied("internal_error"), None, None)
+        decision = outcome[0]
         try:
-            response = check_response(decision)
+            response = check_response(decision, decision_id)
         except Exception:
-            logger.exception("building the CheckResponse failed; answering deny")
+            logger.exception("building the CheckResponse of %s failed; answering deny", decision_id)
             return _FALLBACK_DENY
-        if decision_logger.isEnabledFor(logging.DEBUG):
-            decision_logger.debug("decision %s reason=%s policy=%s rule=%s revision=%s %.3fms",
-                                  "allow" if decision.allowed else "deny", decision.reason, decision.policy,
-                                  decision.rule, decision.revision, (time.perf_counter() - started) * 1000)
+        if decision_logger.isEnabledFor(logging.INFO):
+            try:
+                log_decision(decision_fields(decision, outcome[1], outcome[2], decision_id,
+                                             time.perf_counter() - started))
+            except Exception:  # a log failure must not turn into a failed Check
+                logger.exception("writing the decision log line of %s failed", decision_id)
         return response
 
-    def decide(self, request: external_auth_pb2.CheckRequest) -> Decision:
+    def decide(self, request: external_auth_pb2.CheckRequest,
+               decision_id: str = "") -> tuple[Decision, RequestContext | None, Workload | None]:
+        """Decide a CheckRequest; returns the decision with the request and workload it was made for."""
         workload = workload_from_check(request, self.settings)
         if workload is None:
             now = time.monotonic()
@@ -185,10 +207,15 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
                 logger.warning("Check without a workload namespace, answered deny: set the context extension "
                                "'namespace' in Envoy's ext_authz per-route settings, or start with "
                                "--workload-namespace")
-            return denied("workload_unknown")
+            return denied("workload_unknown"), None, None
         try:
             ctx = request_from_check(request, self.settings)
         except InvalidPathError:
-            return denied("invalid_path")
-        return self.authorizer.decide(ctx, workload)
+            return denied("invalid_path"), None, workload
+        if decision_logger.isEnabledFor(logging.DEBUG):
+            trace: list[str] = []
+            decision = self.authorizer.decide(ctx, workload, trace)
+            decision_logger.debug("trace of %s:\n  %s", decision_id, "\n  ".join(trace))
+            return decision, ctx, workload
+        return self.authorizer.decide(ctx, workload), ctx, workload
 

@@ -27,12 +27,13 @@ PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 MONITOR_INTERVAL_S = 0.5
 
 
-def run_worker(config: ServeConfig, log_format: str) -> None:
+def run_worker(config: ServeConfig) -> None:
     """Entry point of one worker process: serve until SIGTERM or SIGINT, then drain."""
     from extauthz.errors import ConfigError
+    from extauthz.logs import configure_logging
     from extauthz.server import ExtAuthzServer
 
-    logging.basicConfig(level=config.log_level, format=log_format)
+    configure_logging(config.log_level, config.log_format)
     _stop_with_parent()
     stop_requested = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -59,16 +60,15 @@ def _stop_with_parent() -> None:
 class Supervisor:
     """Start `workers` processes, restart any that dies, and stop them all on a signal."""
 
-    def __init__(self, config: ServeConfig, workers: int, log_format: str) -> None:
+    def __init__(self, config: ServeConfig, workers: int) -> None:
         self.config = config
         self.workers = workers
-        self.log_format = log_format
         self._context = multiprocessing.get_context("spawn")  # no grpc state crosses a fork
         self._processes: list[BaseProcess] = []
         self._stop = threading.Event()
 
     def _spawn(self) -> BaseProcess:
-        process = self._context.Process(target=run_worker, args=(self.config, self.log_format),
+        process = self._context.Process(target=run_worker, args=(self.config,),
                                         name="extauthz-worker", daemon=False)
         process.start()
         logger.info("started worker pid %d", process.pid)

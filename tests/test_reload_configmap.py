@@ -109,7 +109,7 @@ def configmap(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def served(configmap: Path) -> Iterator[tuple[ExtauthzProcess, Checker]]:
-    with ExtauthzProcess(configmap, "--workload-namespace", "demo").start() as server:
+    with ExtauthzProcess(configmap, "--workload-namespace", "demo") as server:
         server.wait_serving()
         checker = Checker(server.address)
         yield server, checker
@@ -142,7 +142,7 @@ def test_rapid_writes_never_serve_partial_file(tmp_path: Path) -> None:
     policy = tmp_path / "policy.yaml"
     policy.write_text(allow_only(0))
     complete = {revision_of_files({str(policy): allow_only(v)}): v for v in range(100)}
-    with ExtauthzProcess(tmp_path, "--workload-namespace", "demo").start() as server:
+    with ExtauthzProcess(tmp_path, "--workload-namespace", "demo") as server:
         server.wait_serving()
         checker = Checker(server.address)
         observed: list[tuple[bool, str]] = []
@@ -178,7 +178,7 @@ def test_directory_deleted_and_recreated(tmp_path: Path) -> None:
     directory = tmp_path / "policies"
     directory.mkdir()
     (directory / "policy.yaml").write_text(allow_only(1))
-    with ExtauthzProcess(directory, "--workload-namespace", "demo").start() as server:
+    with ExtauthzProcess(directory, "--workload-namespace", "demo") as server:
         server.wait_serving()
         checker = Checker(server.address)
         try:
@@ -213,7 +213,7 @@ def test_checks_during_50_reloads_see_whole_revisions(tmp_path: Path) -> None:
         revisions[revision_of_files(between)] = (version, version - 1)
     for name, text in files(0).items():
         Path(name).write_text(text)
-    with ExtauthzProcess(tmp_path, "--workload-namespace", "demo").start() as server:
+    with ExtauthzProcess(tmp_path, "--workload-namespace", "demo") as server:
         server.wait_serving()
         checker = Checker(server.address)
         observed: list[tuple[str, bool, str]] = []

@@ -147,6 +147,25 @@ class Rule:
             return False
         return all(check(ctx) for check in self.conditions)
 
+    def mismatch(self, ctx: RequestContext) -> str | None:
+        """Describe the first part of the rule that does not match, or None when it matches."""
+        if self.sources and not any(all(check(ctx) for check in source) for source in self.sources):
+            return "from: " + _first_failures(ctx, self.sources, "source")
+        if self.operations and not any(all(check(ctx) for check in op) for op in self.operations):
+            return "to: " + _first_failures(ctx, self.operations, "operation")
+        for index, check in enumerate(self.conditions):
+            if not check(ctx):
+                return f"when[{index}]: {check.name} did not match"
+        return None
+
+
+def _first_failures(ctx: RequestContext, clauses: tuple[tuple[FieldCheck, ...], ...], kind: str) -> str:
+    parts = []
+    for index, clause in enumerate(clauses):
+        failed = next(check.name for check in clause if not check(ctx))
+        parts.append(f"{kind} {index} {failed}")
+    return "no " + kind + " matched (" + "; ".join(parts) + " did not match)"
+
 
 @dataclass(frozen=True)
 class AuthorizationPolicy:

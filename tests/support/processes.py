@@ -136,7 +136,8 @@ class _ChildProcess:
         return exit_code
 
     def __enter__(self) -> Self:
-        return self.start()
+        # `with Process(...).start() as p` must not spawn a second, orphaned process.
+        return self if self.process is not None else self.start()
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
