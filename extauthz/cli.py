@@ -79,6 +79,8 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
          "this many places from the right", type=_non_negative_int)
     flag("log-level", "INFO", "DEBUG adds the trace of every decision; INFO logs one line per decision; "
          "WARNING or ERROR log problems only", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    flag("metrics-listen", None, "HOST:PORT of an HTTP listener for /metrics (Prometheus), /healthz and "
+         "/readyz; off when not set")
     flag("log-format", "text", "text or json (one object per line)", choices=("text", "json"))
     flag("workers", None, "server processes sharing the port (SO_REUSEPORT); default: one per available CPU, "
          "or 1 with port 0", type=_non_negative_int)
@@ -89,17 +91,17 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
          "SO_REUSEPORT spreads over the workers", type=_non_negative_int)
     flag("grace-period", config.DEFAULT_GRACE_PERIOD_S, "seconds in-flight Checks get to finish on shutdown",
          type=_positive_float)
-    flag("startup-timeout", config.jwks.DEFAULT_STARTUP_TIMEOUT_S,
+    flag("startup-timeout", config.DEFAULT_STARTUP_TIMEOUT_S,
          "seconds to wait for the first fetch of every jwksUri before serving", type=_positive_float)
-    flag("jwks-refresh-interval", config.jwks.DEFAULT_REFRESH_INTERVAL_S,
+    flag("jwks-refresh-interval", config.DEFAULT_REFRESH_INTERVAL_S,
          "seconds between refetches of each jwksUri (with 10%% jitter)", type=_positive_float)
-    flag("jwks-kid-cooldown", config.jwks.DEFAULT_KID_COOLDOWN_S,
+    flag("jwks-kid-cooldown", config.DEFAULT_KID_COOLDOWN_S,
          "minimum seconds between refetches caused by tokens with an unknown kid", type=_positive_float)
-    flag("jwks-kid-refresh-wait", config.jwks.DEFAULT_KID_REFRESH_WAIT_S,
+    flag("jwks-kid-refresh-wait", config.DEFAULT_KID_REFRESH_WAIT_S,
          "seconds a Check waits for a refetch its unknown kid caused", type=float)
-    flag("jwks-fetch-timeout", config.jwks.DEFAULT_FETCH_TIMEOUT_S,
+    flag("jwks-fetch-timeout", config.DEFAULT_FETCH_TIMEOUT_S,
          "seconds a JWKS or OpenID fetch may take when the rule sets no timeout", type=_positive_float)
-    flag("jwks-max-bytes", config.jwks.DEFAULT_MAX_JWKS_BYTES, "largest JWKS or OpenID document accepted",
+    flag("jwks-max-bytes", config.DEFAULT_MAX_JWKS_BYTES, "largest JWKS or OpenID document accepted",
          type=_non_negative_int)
 
 
@@ -126,12 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", type=int, default=3600, help="seconds until exp")
     token.add_argument("--claim", action="append", default=[], metavar="NAME=JSON",
                        help='extra claim, value as JSON or plain text, like groups=["admin"]; repeatable')
+    from extauthz import envoy_config
+
+    envoy_config.add_parser(commands)
     return parser
 
 
 def serve(args: argparse.Namespace) -> int:
-    from extauthz.server import ExtAuthzServer
-
     configure_logging(args.log_level, args.log_format)
     serve_config = config.ServeConfig(
         policies=Path(args.policies),
@@ -151,10 +154,14 @@ def serve(args: argparse.Namespace) -> int:
         jwks_max_bytes=int(args.jwks_max_bytes),
         jwks_fetch_timeout_s=float(args.jwks_fetch_timeout),
         max_concurrent_streams=max(1, int(args.max_concurrent_streams)),
+        metrics_listen=args.metrics_listen or None,
     )
     workers = _worker_count(args.workers, serve_config.listen)
     if workers > 1:
         return _serve_workers(serve_config, workers)
+    # Imported only now: with workers, prometheus-client must first see PROMETHEUS_MULTIPROC_DIR.
+    from extauthz.server import ExtAuthzServer
+
     server = ExtAuthzServer(serve_config)
     stop_requested = threading.Event()
 
@@ -283,7 +290,9 @@ def token(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"serve": serve, "validate": validate, "token": token}
+    from extauthz import envoy_config
+
+    handlers = {"serve": serve, "validate": validate, "token": token, "envoy-config": envoy_config.run}
     return handlers[args.command](args)
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from extauthz import jwks
+if TYPE_CHECKING:
+    from extauthz.jwks import JwksSettings
 
 DEFAULT_POLICIES = Path("policies")
 DEFAULT_LISTEN = "0.0.0.0:9001"
@@ -13,6 +15,12 @@ DEFAULT_ROOT_NAMESPACE = "istio-system"
 DEFAULT_THREADS = 8
 DEFAULT_GRACE_PERIOD_S = 10.0
 DEFAULT_MAX_CONCURRENT_STREAMS = 32
+DEFAULT_REFRESH_INTERVAL_S = 600.0
+DEFAULT_KID_COOLDOWN_S = 30.0
+DEFAULT_KID_REFRESH_WAIT_S = 0.1
+DEFAULT_MAX_JWKS_BYTES = 1024 * 1024
+DEFAULT_STARTUP_TIMEOUT_S = 10.0
+DEFAULT_FETCH_TIMEOUT_S = 5.0  # Istio's default for a JWTRule timeout
 
 
 @dataclass(frozen=True)
@@ -30,15 +38,18 @@ class ServeConfig:
     watch: bool = True
     reuse_port: bool = False  # set for worker processes that share one port
     max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS
-    startup_timeout_s: float = jwks.DEFAULT_STARTUP_TIMEOUT_S
-    jwks_refresh_interval_s: float = jwks.DEFAULT_REFRESH_INTERVAL_S
-    jwks_kid_cooldown_s: float = jwks.DEFAULT_KID_COOLDOWN_S
-    jwks_kid_refresh_wait_s: float = jwks.DEFAULT_KID_REFRESH_WAIT_S
-    jwks_max_bytes: int = jwks.DEFAULT_MAX_JWKS_BYTES
-    jwks_fetch_timeout_s: float = jwks.DEFAULT_FETCH_TIMEOUT_S
+    metrics_listen: str | None = None
+    startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S
+    jwks_refresh_interval_s: float = DEFAULT_REFRESH_INTERVAL_S
+    jwks_kid_cooldown_s: float = DEFAULT_KID_COOLDOWN_S
+    jwks_kid_refresh_wait_s: float = DEFAULT_KID_REFRESH_WAIT_S
+    jwks_max_bytes: int = DEFAULT_MAX_JWKS_BYTES
+    jwks_fetch_timeout_s: float = DEFAULT_FETCH_TIMEOUT_S
 
-    def jwks_settings(self) -> jwks.JwksSettings:
-        return jwks.JwksSettings(
+    def jwks_settings(self) -> JwksSettings:
+        from extauthz.jwks import JwksSettings
+
+        return JwksSettings(
             refresh_interval_s=self.jwks_refresh_interval_s,
             kid_cooldown_s=self.jwks_kid_cooldown_s,
             kid_refresh_wait_s=self.jwks_kid_refresh_wait_s,

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
 
+from extauthz import metrics
 from extauthz.decision import Decision, denied, token_denied
 from extauthz.jwks import JwksCache, KeySet
 from extauthz.policy.model import (
@@ -300,8 +301,10 @@ class Authorizer:
         if cached is not None:
             if self._clock() <= cached.expires_at and self.jwks.keyset(cached.rule.key_source) is cached.keyset:
                 self.token_cache_hits += 1
+                metrics.TOKEN_CACHE.labels("hit").inc()
                 return cached.rule, cached.token
             snapshot.tokens.pop(key, None)
+        metrics.TOKEN_CACHE.labels("miss").inc()
         outcome = self._verify(text, rules)
         if outcome is None:
             return None

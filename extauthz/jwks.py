@@ -19,19 +19,20 @@ import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from extauthz import __version__
+from extauthz import __version__, metrics
+from extauthz.config import (
+    DEFAULT_FETCH_TIMEOUT_S,
+    DEFAULT_KID_COOLDOWN_S,
+    DEFAULT_KID_REFRESH_WAIT_S,
+    DEFAULT_MAX_JWKS_BYTES,
+    DEFAULT_REFRESH_INTERVAL_S,
+)
 from extauthz.errors import JwksFetchError
 from extauthz.keys import Jwk, parse_jwks
 from extauthz.policy.model import InlineJwks, RemoteJwks
 
 logger = logging.getLogger("extauthz.jwks")
 
-DEFAULT_REFRESH_INTERVAL_S = 600.0
-DEFAULT_KID_COOLDOWN_S = 30.0
-DEFAULT_KID_REFRESH_WAIT_S = 0.1
-DEFAULT_MAX_JWKS_BYTES = 1024 * 1024
-DEFAULT_STARTUP_TIMEOUT_S = 10.0
-DEFAULT_FETCH_TIMEOUT_S = 5.0  # Istio's default for a JWTRule timeout
 RETRY_INITIAL_S = 1.0
 RETRY_MAX_S = 60.0
 REFRESH_JITTER = 0.1  # +-10 % so that several replicas do not refetch in step
@@ -158,10 +159,12 @@ class RemoteKeySource:
         try:
             keys = self._download()
         except JwksFetchError as exc:
+            metrics.JWKS_FETCHES.labels(spec.url, "error").inc()
             self.last_error = str(exc)
             logger.warning("JWKS fetch failed (attempt %d): %s; %s", self.attempts, exc, self._fallback())
             return False
         if not keys:
+            metrics.JWKS_FETCHES.labels(spec.url, "no_usable_key").inc()
             self.last_error = f"JWKS from {spec.url} has no usable key"
             logger.warning("%s; %s", self.last_error, self._fallback())
             return False
@@ -170,6 +173,8 @@ class RemoteKeySource:
             self.keyset = KeySet(keys, time.monotonic(), (previous.generation + 1) if previous else 1)
             self.last_error = None
             self._changed.notify_all()
+        metrics.JWKS_FETCHES.labels(spec.url, "success").inc()
+        metrics.JWKS_LAST_SUCCESS.labels(spec.url).set(time.time())
         logger.info("JWKS fetched from %s: %d key(s), kids %s", spec.url, len(keys),
                     sorted(k.kid for k in keys if k.kid) or "none")
         return True

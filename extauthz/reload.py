@@ -15,6 +15,7 @@ from pathlib import Path
 
 import watchfiles
 
+from extauthz import metrics
 from extauthz.engine import Authorizer, PolicySnapshot
 from extauthz.errors import PolicyError
 from extauthz.jwks import JwksCache
@@ -24,6 +25,8 @@ logger = logging.getLogger("extauthz.reload")
 
 RESCAN_INTERVAL_MS = 10_000  # a full re-read also runs this often, in case a file event is missed
 RETRY_WATCH_S = 1.0
+SETTLE_S = 0.05  # files must read the same twice this far apart, so a write in progress is not loaded
+MAX_SETTLE_ROUNDS = 20
 
 
 class PolicyReloader:
@@ -58,7 +61,7 @@ class PolicyReloader:
     def _reload_locked(self) -> bool:
         kept = f"keeping revision {self.revision}" if self.revision else "no revision is serving yet"
         try:
-            contents = read_policy_files(self.directory)
+            contents = self._read_settled()
         except PolicyError as exc:
             self._report(exc, kept)
             self._seen_revision = None
@@ -70,6 +73,7 @@ class PolicyReloader:
         try:
             policy_set = compile_policy_files(contents, revision)
         except PolicyError as exc:
+            metrics.RELOADS.labels("rejected").inc()
             self._report(exc, kept, revision)
             return False
         for warning in policy_set.warnings:
@@ -85,6 +89,8 @@ class PolicyReloader:
         self.revision = revision
         self.last_error = None
         self.reloads += 1
+        metrics.RELOADS.labels("loaded").inc()
+        metrics.set_revision(revision)
         logger.info(
             "loaded policy revision %s from %d file(s): %d RequestAuthentication, %d AuthorizationPolicy%s",
             revision, len(policy_set.files), len(policy_set.request_authentications),
@@ -92,6 +98,21 @@ class PolicyReloader:
         )
         self.on_loaded(revision)
         return True
+
+    def _read_settled(self) -> list[tuple[str, bytes]]:
+        """Read the files until two reads agree, so that a half-written file is not compiled.
+
+        NOTE: a writer that pauses longer than SETTLE_S in the middle of a file can still be
+        read half-way; writing a temporary file and renaming it, as Kubernetes does, avoids that.
+        """
+        contents = read_policy_files(self.directory)
+        for _ in range(MAX_SETTLE_ROUNDS):
+            self._stop.wait(SETTLE_S)
+            again = read_policy_files(self.directory)
+            if again == contents:
+                break
+            contents = again
+        return contents
 
     def _report(self, exc: PolicyError, kept: str, revision: str | None = None) -> None:
         errors = [p for p in exc.problems if p.severity == "error"]

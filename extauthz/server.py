@@ -10,6 +10,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from extauthz import metrics
 from extauthz.config import ServeConfig
 from extauthz.engine import Authorizer
 from extauthz.errors import ConfigError
@@ -38,12 +39,22 @@ class ExtAuthzServer:
         self.servicer = AuthorizationServicer(self.authorizer, CheckSettings(
             config.workload_namespace, dict(config.workload_labels), config.xff_num_trusted_hops))
         self._server: grpc.Server | None = None
+        self._metrics: metrics.MetricsServer | None = None
         self.port = 0
+        self.ready = False
 
     def start(self) -> None:
         """Bind, load the policies, start watching; raises ConfigError when it cannot listen."""
         for service in HEALTH_SERVICES:
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        metrics.READY.set(0)
+        if self.config.metrics_listen:
+            try:
+                self._metrics = metrics.MetricsServer(self.config.metrics_listen, lambda: self.ready)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"cannot listen on {self.config.metrics_listen} for metrics: {exc}; "
+                                  "choose a free HOST:PORT with --metrics-listen") from None
+            self._metrics.start()
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.config.threads, thread_name_prefix="check"),
             options=[
@@ -74,17 +85,26 @@ class ExtAuthzServer:
             self.reloader.start_watching()
 
     def _on_loaded(self, revision: str) -> None:
+        if self._server is None:
+            return  # stopping: health stays NOT_SERVING
         for service in HEALTH_SERVICES:
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.ready = True
+        metrics.READY.set(1)
 
     def stop(self, grace: float | None = None) -> None:
         """Stop in a fixed order: health NOT_SERVING, watcher and key refreshers, then drain Checks."""
         self.health.enter_graceful_shutdown()
+        self.ready = False
+        metrics.READY.set(0)
         self.reloader.stop()
         self.jwks.close()
         if self._server is not None:
-            self._server.stop(grace).wait()
-            self._server = None
+            server, self._server = self._server, None
+            server.stop(grace).wait()
+        if self._metrics is not None:
+            self._metrics.stop()
+            self._metrics = None
         logger.info("stopped")
 
     def wait(self) -> None:

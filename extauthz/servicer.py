@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
+from extauthz import metrics
 from extauthz.decision import Decision, denied
 from extauthz.engine import Authorizer
 from extauthz.logs import decision_fields, decision_logger, log_decision
@@ -188,10 +189,14 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         except Exception:
             logger.exception("building the CheckResponse of %s failed; answering deny", decision_id)
             return _FALLBACK_DENY
+        duration = time.perf_counter() - started
+        metrics.DECISIONS.labels("allow" if decision.allowed else "deny", decision.reason).inc()
+        metrics.CHECK_DURATION.observe(duration)
+        for result in decision.shadow:
+            metrics.DRY_RUN_RESULTS.labels(result).inc()
         if decision_logger.isEnabledFor(logging.INFO):
             try:
-                log_decision(decision_fields(decision, outcome[1], outcome[2], decision_id,
-                                             time.perf_counter() - started))
+                log_decision(decision_fields(decision, outcome[1], outcome[2], decision_id, duration))
             except Exception:  # a log failure must not turn into a failed Check
                 logger.exception("writing the decision log line of %s failed", decision_id)
         return response

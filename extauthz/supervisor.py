@@ -13,9 +13,12 @@ import ctypes
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
+from dataclasses import replace
 from multiprocessing.process import BaseProcess
 
 from extauthz.config import ServeConfig
@@ -48,6 +51,13 @@ def run_worker(config: ServeConfig) -> None:
     server.stop(config.grace_period_s)
 
 
+def _forget(process: BaseProcess) -> None:
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ and process.pid is not None:
+        from extauthz import metrics
+
+        metrics.mark_process_dead(process.pid)
+
+
 def _stop_with_parent() -> None:
     """Ask Linux to send this worker SIGTERM when the supervisor dies, even by SIGKILL."""
     try:
@@ -61,7 +71,9 @@ class Supervisor:
     """Start `workers` processes, restart any that dies, and stop them all on a signal."""
 
     def __init__(self, config: ServeConfig, workers: int) -> None:
-        self.config = config
+        # The supervisor serves the metrics of all workers, so the workers serve none.
+        self.config = replace(config, metrics_listen=None)
+        self.metrics_listen = config.metrics_listen
         self.workers = workers
         self._context = multiprocessing.get_context("spawn")  # no grpc state crosses a fork
         self._processes: list[BaseProcess] = []
@@ -78,6 +90,26 @@ class Supervisor:
         self._stop.set()
 
     def run(self) -> int:
+        metrics_dir = None
+        metrics_server = None
+        if self.metrics_listen:
+            # Set before prometheus-client is imported here or in a worker: it selects
+            # the multiprocess mode at import.
+            metrics_dir = tempfile.mkdtemp(prefix="extauthz-metrics-")
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+            from extauthz import metrics
+
+            metrics_server = metrics.MetricsServer(self.metrics_listen, metrics.ready_from_workers)
+            metrics_server.start()
+        try:
+            return self._run_workers()
+        finally:
+            if metrics_server is not None:
+                metrics_server.stop()
+            if metrics_dir is not None:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
+
+    def _run_workers(self) -> int:
         self._processes = [self._spawn() for _ in range(self.workers)]
         while not self._stop.wait(MONITOR_INTERVAL_S):
             for index, process in enumerate(self._processes):
@@ -88,6 +120,7 @@ class Supervisor:
                     self._stop.set()
                     break
                 logger.error("worker pid %d exited with code %s; restarting it", process.pid, process.exitcode)
+                _forget(process)
                 time.sleep(RESTART_DELAY_S)
                 self._processes[index] = self._spawn()
         return self._shutdown()
@@ -103,5 +136,7 @@ class Supervisor:
                 logger.warning("worker pid %d did not stop in time; killing it", process.pid)
                 process.kill()
                 process.join(5)
+        for process in self._processes:
+            _forget(process)
         failed = [p for p in self._processes if p.exitcode not in (0, -signal.SIGTERM)]
         return 2 if any(p.exitcode == 2 for p in failed) else 0

@@ -6,6 +6,7 @@ policy revision that made them, from gRPC Check responses.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import textwrap
@@ -51,6 +52,20 @@ def allow_only(version: int, name: str = "version") -> str:
             - operation:
                 paths: ["/never"]
         """)
+
+
+def allow_only_flow(version: int) -> str:
+    """allow_only() as one YAML flow mapping: any prefix of it is invalid YAML.
+
+    A block-style file cut short can still be a valid, different policy, which no reader
+    can tell from an intended one; the server's settle check (two equal reads) covers
+    short pauses of a writer, and this form lets the test cover longer ones too.
+    """
+    return json.dumps({
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "version", "namespace": "demo"},
+        "spec": {"rules": [{"to": [{"operation": {"paths": [f"/v{version}"]}}]}]},
+    }, indent=2) + "\n"
 
 
 def revision_of_files(files: dict[str, str]) -> str:
@@ -140,8 +155,8 @@ def test_configmap_swap_picked_up(served: tuple[ExtauthzProcess, Checker], confi
 
 def test_rapid_writes_never_serve_partial_file(tmp_path: Path) -> None:
     policy = tmp_path / "policy.yaml"
-    policy.write_text(allow_only(0))
-    complete = {revision_of_files({str(policy): allow_only(v)}): v for v in range(100)}
+    policy.write_text(allow_only_flow(0))
+    complete = {revision_of_files({str(policy): allow_only_flow(v)}): v for v in range(100)}
     with ExtauthzProcess(tmp_path, "--workload-namespace", "demo") as server:
         server.wait_serving()
         checker = Checker(server.address)
@@ -156,7 +171,7 @@ def test_rapid_writes_never_serve_partial_file(tmp_path: Path) -> None:
         thread.start()
         try:
             for version in range(1, 100):
-                text = allow_only(version)
+                text = allow_only_flow(version)
                 with policy.open("w") as handle:  # written in two halves, as a slow editor would
                     handle.write(text[: len(text) // 2])
                     handle.flush()

@@ -185,3 +185,11 @@ def test_revision_follows_content(tmp_path: Path) -> None:
 def test_missing_directory_rejected(tmp_path: Path) -> None:
     (problem,) = problems_of(tmp_path / "absent")
     assert "policy directory does not exist" in problem
+
+
+def test_empty_file_rejected(tmp_path: Path) -> None:
+    path = write(tmp_path, "a.yaml", AP_HEADER + "spec: {}\n")
+    write(tmp_path, "b.yaml", "# only a comment\n")
+    (problem,) = problems_of(tmp_path)
+    assert problem == f"{tmp_path / 'b.yaml'}:1: file has no YAML documents; delete the file to remove its policies"
+    assert path.exists()

@@ -80,6 +80,12 @@ def compile_policy_files(contents: list[tuple[str, bytes]], revision: str | None
         except YamlSyntaxError as exc:
             result.problems.append(Problem(name, exc.line, exc.message))
             continue
+        if not documents:
+            # An editor truncates a file before writing it; loading that moment would
+            # drop the file's policies, so an empty file is an error, not an empty set.
+            result.problems.append(Problem(name, 1, "file has no YAML documents; delete the file to remove "
+                                           "its policies"))
+            continue
         compile_documents(name, documents, result)
     _check_duplicates(result)
     errors = [p for p in result.problems if p.severity == "error"]
