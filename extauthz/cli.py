@@ -79,6 +79,9 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
          "this many places from the right", type=_non_negative_int)
     flag("log-level", "INFO", "DEBUG adds the trace of every decision; INFO logs one line per decision; "
          "WARNING or ERROR log problems only", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    flag("tls-cert", None, "PEM certificate chain: serve gRPC over TLS (needs --tls-key)")
+    flag("tls-key", None, "PEM private key of --tls-cert")
+    flag("tls-client-ca", None, "PEM CA bundle: require client certificates signed by it (mTLS)")
     flag("metrics-listen", None, "HOST:PORT of an HTTP listener for /metrics (Prometheus), /healthz and "
          "/readyz; off when not set")
     flag("log-format", "text", "text or json (one object per line)", choices=("text", "json"))
@@ -155,6 +158,9 @@ def serve(args: argparse.Namespace) -> int:
         jwks_fetch_timeout_s=float(args.jwks_fetch_timeout),
         max_concurrent_streams=max(1, int(args.max_concurrent_streams)),
         metrics_listen=args.metrics_listen or None,
+        tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+        tls_key=Path(args.tls_key) if args.tls_key else None,
+        tls_client_ca=Path(args.tls_client_ca) if args.tls_client_ca else None,
     )
     workers = _worker_count(args.workers, serve_config.listen)
     if workers > 1:

@@ -39,6 +39,9 @@ class ServeConfig:
     reuse_port: bool = False  # set for worker processes that share one port
     max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS
     metrics_listen: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
     startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S
     jwks_refresh_interval_s: float = DEFAULT_REFRESH_INTERVAL_S
     jwks_kid_cooldown_s: float = DEFAULT_KID_COOLDOWN_S

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import time
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
@@ -22,6 +24,35 @@ logger = logging.getLogger("extauthz.server")
 
 AUTHORIZATION_SERVICE = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
 HEALTH_SERVICES = ("", AUTHORIZATION_SERVICE)
+DRAIN_POLL_S = 0.02
+
+
+def _read_pem(path: Path, flag: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {flag} {path}: {exc.strerror or exc}") from None
+    if b"-----BEGIN " not in data:
+        raise ConfigError(f"{flag} {path} is not a PEM file")
+    return data
+
+
+def server_credentials(config: ServeConfig) -> grpc.ServerCredentials | None:
+    """Build TLS credentials from the flags; raises ConfigError, never falls back to plaintext."""
+    if config.tls_cert is None and config.tls_key is None:
+        if config.tls_client_ca is not None:
+            raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if config.tls_cert is None or config.tls_key is None:
+        raise ConfigError("TLS needs both --tls-cert and --tls-key")
+    certificate = _read_pem(config.tls_cert, "--tls-cert")
+    key = _read_pem(config.tls_key, "--tls-key")
+    client_ca = _read_pem(config.tls_client_ca, "--tls-client-ca") if config.tls_client_ca else None
+    try:
+        return grpc.ssl_server_credentials([(key, certificate)], root_certificates=client_ca,
+                                           require_client_auth=client_ca is not None)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"invalid TLS certificate or key: {exc}") from None
 
 
 class ExtAuthzServer:
@@ -45,6 +76,7 @@ class ExtAuthzServer:
 
     def start(self) -> None:
         """Bind, load the policies, start watching; raises ConfigError when it cannot listen."""
+        credentials = server_credentials(self.config)  # first: a bad certificate starts nothing
         for service in HEALTH_SERVICES:
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         metrics.READY.set(0)
@@ -69,7 +101,10 @@ class ExtAuthzServer:
         reflection.enable_server_reflection(
             (AUTHORIZATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         try:
-            port = server.add_insecure_port(self.config.listen)
+            if credentials is None:
+                port = server.add_insecure_port(self.config.listen)
+            else:
+                port = server.add_secure_port(self.config.listen, credentials)
         except RuntimeError as exc:
             raise ConfigError(f"cannot listen on {self.config.listen}: {exc}; choose a free HOST:PORT "
                               "with --listen") from None
@@ -79,7 +114,8 @@ class ExtAuthzServer:
         server.start()
         self._server = server
         host = self.config.listen.rsplit(":", 1)[0]
-        logger.info("listening on %s:%d", host, port)
+        mode = "plaintext" if credentials is None else ("mTLS" if self.config.tls_client_ca else "TLS")
+        logger.info("listening on %s:%d (%s)", host, port, mode)
         self.reloader.reload()
         if self.config.watch:
             self.reloader.start_watching()
@@ -101,7 +137,14 @@ class ExtAuthzServer:
         self.jwks.close()
         if self._server is not None:
             server, self._server = self._server, None
-            server.stop(grace).wait()
+            stopped = server.stop(grace)  # refuses new RPCs; running ones get `grace` seconds
+            deadline = time.monotonic() + (grace or 0)
+            while self.servicer.in_flight and not stopped.is_set() and time.monotonic() < deadline:
+                time.sleep(DRAIN_POLL_S)
+            # Health Watch streams never end by themselves: once no Check runs, end them
+            # instead of waiting out the whole grace period.
+            server.stop(0)
+            stopped.wait()
         if self._metrics is not None:
             self._metrics.stop()
             self._metrics = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -172,8 +173,19 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         self.authorizer = authorizer
         self.settings = settings
         self._last_workload_warning = -WARNING_INTERVAL_S
+        self.in_flight = 0  # Checks being answered, so shutdown can wait for exactly these
+        self._in_flight_lock = threading.Lock()
 
     def Check(self, request: external_auth_pb2.CheckRequest, context: object) -> external_auth_pb2.CheckResponse:  # noqa: N802
+        with self._in_flight_lock:
+            self.in_flight += 1
+        try:
+            return self._check(request)
+        finally:
+            with self._in_flight_lock:
+                self.in_flight -= 1
+
+    def _check(self, request: external_auth_pb2.CheckRequest) -> external_auth_pb2.CheckResponse:
         started = time.perf_counter()
         decision_id = ""
         outcome: tuple[Decision, RequestContext | None, Workload | None]
