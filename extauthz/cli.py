@@ -79,6 +79,8 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
          "this many places from the right", type=_non_negative_int)
     flag("log-level", "INFO", "DEBUG adds the trace of every decision; INFO logs one line per decision; "
          "WARNING or ERROR log problems only", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    flag("admin-listen", None, "HOST:PORT of a separate plaintext gRPC listener for the Admin service "
+         "(Explain, ListPolicies, Status); when not set, Admin is served on --listen")
     flag("tls-cert", None, "PEM certificate chain: serve gRPC over TLS (needs --tls-key)")
     flag("tls-key", None, "PEM private key of --tls-cert")
     flag("tls-client-ca", None, "PEM CA bundle: require client certificates signed by it (mTLS)")
@@ -131,6 +133,32 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", type=int, default=3600, help="seconds until exp")
     token.add_argument("--claim", action="append", default=[], metavar="NAME=JSON",
                        help='extra claim, value as JSON or plain text, like groups=["admin"]; repeatable')
+    explain = commands.add_parser(
+        "explain", help="decide one described request and print every step",
+        description="Decide one request against a policy directory and print the decision with its trace: "
+                    "which policies apply, how the token verified, which rule matched or why none did. "
+                    "Describe the request as JSON (--request FILE, or - for stdin) and/or with flags; "
+                    "flags win over JSON fields.")
+    explain.add_argument("--policies", type=Path, default=config.DEFAULT_POLICIES)
+    explain.add_argument("--root-namespace", default=config.DEFAULT_ROOT_NAMESPACE)
+    explain.add_argument("--request", metavar="FILE", help="JSON object with fields method, path, host, scheme, "
+                         "headers, token, namespace, labels, source_principal, source_ip, remote_ip, "
+                         "destination_ip, destination_port, sni")
+    explain.add_argument("--method")
+    explain.add_argument("--path", help="with the query string")
+    explain.add_argument("--host")
+    explain.add_argument("--header", action="append", default=[], metavar="NAME:VALUE")
+    explain.add_argument("--token", help='sent as "authorization: Bearer TOKEN"')
+    explain.add_argument("--namespace", help="workload namespace")
+    explain.add_argument("--label", action="append", type=_label, default=[], metavar="KEY=VALUE",
+                         help="workload label; repeatable")
+    explain.add_argument("--source-principal")
+    explain.add_argument("--source-ip")
+    explain.add_argument("--remote-ip")
+    explain.add_argument("--format", choices=("text", "json"), default="text")
+    explain.add_argument("--startup-timeout", type=_positive_float, default=config.DEFAULT_STARTUP_TIMEOUT_S,
+                         help="seconds to wait for the first fetch of each jwksUri")
+
     from extauthz import envoy_config
 
     envoy_config.add_parser(commands)
@@ -158,6 +186,7 @@ def serve(args: argparse.Namespace) -> int:
         jwks_fetch_timeout_s=float(args.jwks_fetch_timeout),
         max_concurrent_streams=max(1, int(args.max_concurrent_streams)),
         metrics_listen=args.metrics_listen or None,
+        admin_listen=args.admin_listen or None,
         tls_cert=Path(args.tls_cert) if args.tls_cert else None,
         tls_key=Path(args.tls_key) if args.tls_key else None,
         tls_client_ca=Path(args.tls_client_ca) if args.tls_client_ca else None,
@@ -225,6 +254,84 @@ def _serve_workers(serve_config: config.ServeConfig, workers: int) -> int:
         signal.signal(sig, on_signal)
     logger.info("starting %d worker processes on %s", workers, serve_config.listen)
     return supervisor.run()
+
+
+def explain(args: argparse.Namespace) -> int:
+    from extauthz.engine import Authorizer, PolicySnapshot
+    from extauthz.explain import RequestDescription
+    from extauthz.explain import explain as explain_request
+    from extauthz.jwks import JwksCache
+    from extauthz.policy import load_policy_dir
+    from extauthz.request import InvalidPathError
+
+    configure_logging("WARNING")
+    try:
+        description = _request_description(args, RequestDescription)
+    except ValueError as exc:
+        print(f"extauthz explain: invalid request description: {exc}", file=sys.stderr)
+        return 2
+    try:
+        policy_set = load_policy_dir(args.policies)
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        print(f"extauthz explain: {args.policies} is invalid; fix it first (see extauthz validate)", file=sys.stderr)
+        return 1
+    jwks = JwksCache()
+    try:
+        deadline = time.monotonic() + args.startup_timeout
+        for source in jwks.update(policy_set.inline_jwks, policy_set.remote_jwks):
+            source.wait_attempted(max(0.0, deadline - time.monotonic()))
+        authorizer = Authorizer(jwks, PolicySnapshot(policy_set, args.root_namespace))
+        try:
+            decision, trace = explain_request(authorizer, description)
+        except InvalidPathError as exc:
+            print(f"extauthz explain: path {description.path!r} is rejected with 400: {exc}", file=sys.stderr)
+            return 1
+    finally:
+        jwks.close()
+    if args.format == "json":
+        print(json.dumps({
+            "allowed": decision.allowed, "reason": decision.reason, "http_status": decision.http_status,
+            "body": decision.body, "policy": decision.policy, "rule": decision.rule,
+            "principal": decision.principal, "revision": decision.revision, "trace": trace,
+            "headers_to_set": dict(decision.headers_to_set), "headers_to_remove": list(decision.headers_to_remove),
+            "query_parameters_to_remove": list(decision.query_parameters_to_remove),
+            "dry_run": list(decision.shadow), "audited": decision.audited,
+        }, indent=2))
+    else:
+        for line in trace:
+            print(line)
+    return 0
+
+
+def _request_description(args: argparse.Namespace, description_type: Any) -> Any:
+    data: dict[str, Any] = {}
+    if args.request:
+        text = sys.stdin.read() if args.request == "-" else Path(args.request).read_text()
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"--request is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError("--request must hold a JSON object")
+    for name in ("method", "path", "host", "token", "namespace", "source_principal", "source_ip", "remote_ip"):
+        value = getattr(args, name)
+        if value is not None:
+            data[name] = value
+    if args.header:
+        headers = dict(data.get("headers") or {})
+        for item in args.header:
+            name, sep, value = item.partition(":")
+            if not sep or not name.strip():
+                raise ValueError(f"--header {item!r}: write NAME:VALUE")
+            headers[name.strip()] = value.strip()
+        data["headers"] = headers
+    if args.label:
+        data["labels"] = {**(data.get("labels") or {}), **dict(args.label)}
+    description = description_type.from_mapping(data)
+    if not description.namespace:
+        raise ValueError("the workload namespace is missing: give --namespace or a namespace field")
+    return description
 
 
 def validate(args: argparse.Namespace) -> int:
@@ -298,7 +405,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from extauthz import envoy_config
 
-    handlers = {"serve": serve, "validate": validate, "token": token, "envoy-config": envoy_config.run}
+    handlers = {"serve": serve, "validate": validate, "token": token, "explain": explain,
+                "envoy-config": envoy_config.run}
     return handlers[args.command](args)
 
 

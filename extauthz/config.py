@@ -39,6 +39,7 @@ class ServeConfig:
     reuse_port: bool = False  # set for worker processes that share one port
     max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS
     metrics_listen: str | None = None
+    admin_listen: str | None = None  # None: the Admin service shares the main listener
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None

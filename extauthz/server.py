@@ -13,6 +13,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from extauthz import metrics
+from extauthz.admin.service import SERVICE_NAME as ADMIN_SERVICE
+from extauthz.admin.service import AdminServicer
+from extauthz.admin.v1 import admin_pb2_grpc
 from extauthz.config import ServeConfig
 from extauthz.engine import Authorizer
 from extauthz.errors import ConfigError
@@ -71,7 +74,9 @@ class ExtAuthzServer:
             config.workload_namespace, dict(config.workload_labels), config.xff_num_trusted_hops))
         self._server: grpc.Server | None = None
         self._metrics: metrics.MetricsServer | None = None
+        self._admin: grpc.Server | None = None
         self.port = 0
+        self.admin_port = 0
         self.ready = False
 
     def start(self) -> None:
@@ -98,8 +103,11 @@ class ExtAuthzServer:
         )
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (AUTHORIZATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        services = [AUTHORIZATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        if self.config.admin_listen is None:
+            admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self), server)
+            services.append(ADMIN_SERVICE)
+        reflection.enable_server_reflection(services, server)
         try:
             if credentials is None:
                 port = server.add_insecure_port(self.config.listen)
@@ -116,9 +124,33 @@ class ExtAuthzServer:
         host = self.config.listen.rsplit(":", 1)[0]
         mode = "plaintext" if credentials is None else ("mTLS" if self.config.tls_client_ca else "TLS")
         logger.info("listening on %s:%d (%s)", host, port, mode)
+        if self.config.admin_listen is not None:
+            try:
+                self._start_admin_server(self.config.admin_listen)
+            except ConfigError:
+                self.stop(0)
+                raise
         self.reloader.reload()
         if self.config.watch:
             self.reloader.start_watching()
+
+    def _start_admin_server(self, listen: str) -> None:
+        admin = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="admin"),
+                            options=[("grpc.so_reuseport", 1 if self.config.reuse_port else 0)])
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self), admin)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, admin)
+        reflection.enable_server_reflection((ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), admin)
+        try:
+            port = admin.add_insecure_port(listen)
+        except RuntimeError:
+            port = 0
+        if port == 0:
+            raise ConfigError(f"cannot listen on {listen} for the Admin service; choose a free HOST:PORT "
+                              "with --admin-listen")
+        admin.start()
+        self._admin = admin
+        self.admin_port = port
+        logger.info("Admin service on %s:%d (plaintext)", listen.rsplit(":", 1)[0], port)
 
     def _on_loaded(self, revision: str) -> None:
         if self._server is None:
@@ -145,6 +177,9 @@ class ExtAuthzServer:
             # instead of waiting out the whole grace period.
             server.stop(0)
             stopped.wait()
+        if self._admin is not None:
+            self._admin.stop(0).wait()
+            self._admin = None
         if self._metrics is not None:
             self._metrics.stop()
             self._metrics = None

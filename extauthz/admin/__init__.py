@@ -1,0 +1,1 @@
+"""The extauthz admin API."""
