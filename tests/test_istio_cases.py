@@ -183,10 +183,16 @@ def assert_allowed(
         upstream_path = remove_query_parameters(request.path, list(ok.query_parameters_to_remove))
         assert upstream_path == upstream["path"], described
 
+    fields = response.dynamic_metadata.fields
     if "principal" in upstream:
-        fields = response.dynamic_metadata.fields
         assert "principal" in fields, described
         assert fields["principal"].string_value == upstream["principal"], described
+
+    # AUDIT and dry-run results never change the decision; the service reports them in
+    # the decision's dynamic metadata.
+    assert ("audited" in fields and fields["audited"].bool_value) == expected.get("audited", False), described
+    shadow = [value.string_value for value in fields["dry_run"].list_value.values] if "dry_run" in fields else []
+    assert shadow == expected.get("dry_run", []), described
 
 
 @pytest.mark.parametrize("case", TABLE.cases, ids=[case["id"] for case in TABLE.cases])
