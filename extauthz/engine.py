@@ -107,7 +107,7 @@ class CachedToken:
 class PolicySnapshot:
     """One immutable policy revision, with the applicable policies cached per workload.
 
-    It also holds the verified-token cache, so a new revision starts with an empty one.
+    It also contains the verified-token cache, so a new revision starts with an empty one.
     """
 
     def __init__(self, policy_set: PolicySet, root_namespace: str) -> None:
@@ -147,7 +147,7 @@ class Authentication:
 
 
 def extract_token(ctx: RequestContext, location: TokenLocation) -> str | None:
-    """Return the token at one location, or None when the location holds none."""
+    """Return the token at one location, or None when the location has none."""
     if location.kind is LocationKind.HEADER:
         value = ctx.headers.get(location.name)
         if value is None:
@@ -155,7 +155,7 @@ def extract_token(ctx: RequestContext, location: TokenLocation) -> str | None:
         if not location.prefix:
             return value.strip() or None
         # Like Envoy: find the prefix anywhere, skip separators after it, and take the
-        # run of token characters that follows. A header without the prefix holds no token.
+        # run of token characters that follows. A header without the prefix has no token.
         position = value.find(location.prefix)
         if position < 0:
             return None

@@ -3,7 +3,7 @@
 Checks never do network I/O. Each remote key source (a `jwksUri`, or OpenID discovery
 from the issuer) has its own refresher thread, so a slow or failing identity provider
 never delays another one. A failed fetch keeps the last good key set. A token whose
-`kid` is not in the cached set asks for one early refetch, at most once per cooldown for
+`kid` is not in the cached set triggers one early refetch, at most once per cooldown for
 all requests together, and waits for it no longer than a short bound.
 """
 
@@ -49,7 +49,7 @@ class HttpFetcher:
             with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
                 body: bytes = response.read(max_bytes + 1)
         except urllib.error.HTTPError as exc:
-            raise JwksFetchError(f"GET {url} answered HTTP {exc.code}") from None
+            raise JwksFetchError(f"GET {url} returned HTTP {exc.code}") from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise JwksFetchError(f"GET {url} failed: {reason}") from None

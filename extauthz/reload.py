@@ -1,7 +1,7 @@
 """Load the policy directory and keep serving the newest valid revision.
 
 A new revision is read, validated and compiled completely, its key sources are started,
-and only then is it swapped in with one assignment, so a Check sees one revision from
+and only then is it swapped in with one assignment, so a Check uses one revision from
 start to end. Any error keeps the previous revision serving.
 """
 

@@ -1,7 +1,7 @@
 """The gRPC `envoy.service.auth.v3.Authorization` servicer: CheckRequest in, CheckResponse out.
 
 `Check` never raises: every outcome, an internal failure included, is a CheckResponse
-built by `check_response`, and anything unexpected answers deny.
+built by `check_response`, and anything unexpected returns deny.
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         self.authorizer = authorizer
         self.settings = settings
         self._last_workload_warning = -WARNING_INTERVAL_S
-        self.in_flight = 0  # Checks being answered, so shutdown can wait for exactly these
+        self.in_flight = 0  # Checks in progress, so shutdown can wait for exactly these
         self._in_flight_lock = threading.Lock()
 
     def Check(self, request: external_auth_pb2.CheckRequest, context: object) -> external_auth_pb2.CheckResponse:  # noqa: N802
@@ -193,13 +193,13 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             decision_id = _decision_id(request)
             outcome = self.decide(request, decision_id)
         except Exception:
-            logger.exception("Check %s failed inside the service; answering deny", decision_id)
+            logger.exception("Check %s failed inside the service; returning deny", decision_id)
             outcome = (denied("internal_error"), None, None)
         decision = outcome[0]
         try:
             response = check_response(decision, decision_id)
         except Exception:
-            logger.exception("building the CheckResponse of %s failed; answering deny", decision_id)
+            logger.exception("building the CheckResponse of %s failed; returning deny", decision_id)
             return _FALLBACK_DENY
         duration = time.perf_counter() - started
         metrics.DECISIONS.labels("allow" if decision.allowed else "deny", decision.reason).inc()
@@ -221,7 +221,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             now = time.monotonic()
             if now - self._last_workload_warning >= WARNING_INTERVAL_S:  # at most one line a minute
                 self._last_workload_warning = now
-                logger.warning("Check without a workload namespace, answered deny: set the context extension "
+                logger.warning("Check without a workload namespace denied: set the context extension "
                                "'namespace' in Envoy's ext_authz per-route settings, or start with "
                                "--workload-namespace")
             return denied("workload_unknown"), None, None

@@ -13,7 +13,7 @@ GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 
 @dataclass(frozen=True)
 class PolicyRef:
-    """Where a policy comes from, for messages, logs and decision metadata."""
+    """The name and source location of a policy, for messages, logs and decision metadata."""
 
     kind: str
     namespace: str
@@ -35,7 +35,7 @@ class TargetRef:
 
 @dataclass(frozen=True)
 class Scope:
-    """Which workloads a policy applies to: its namespace, selector and target references."""
+    """The workloads a policy applies to: its namespace, selector and target references."""
 
     namespace: str
     match_labels: frozenset[tuple[str, str]] | None  # None: every workload of the namespace
