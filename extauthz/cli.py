@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -96,6 +97,8 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
          "SO_REUSEPORT spreads over the workers", type=_non_negative_int)
     flag("grace-period", config.DEFAULT_GRACE_PERIOD_S, "seconds in-flight Checks get to finish on shutdown",
          type=_positive_float)
+    flag("shutdown-delay", 0.0, "seconds to keep accepting Checks after health turns NOT_SERVING on "
+         "shutdown, so load balancers and Kubernetes endpoints stop sending first", type=float)
     flag("startup-timeout", config.DEFAULT_STARTUP_TIMEOUT_S,
          "seconds to wait for the first fetch of every jwksUri before serving", type=_positive_float)
     flag("jwks-refresh-interval", config.DEFAULT_REFRESH_INTERVAL_S,
@@ -178,6 +181,7 @@ def serve(args: argparse.Namespace) -> int:
         log_format=args.log_format,
         threads=max(1, int(args.threads)),
         grace_period_s=float(args.grace_period),
+        shutdown_delay_s=max(0.0, float(args.shutdown_delay)),
         startup_timeout_s=float(args.startup_timeout),
         jwks_refresh_interval_s=float(args.jwks_refresh_interval),
         jwks_kid_cooldown_s=float(args.jwks_kid_cooldown),
@@ -229,8 +233,24 @@ def _worker_count(requested: int | str | None, listen: str) -> int:
             logger.warning("--listen with port 0 runs one worker: workers can only share a fixed port")
         return 1
     if requested is None:
-        return len(os.sched_getaffinity(0))
+        return available_cpus()
     return max(1, int(requested))
+
+
+def available_cpus() -> int:
+    """Count the CPUs this process may use: its CPU affinity, capped by a cgroup v2 CPU limit.
+
+    In a container the affinity lists every CPU of the node, while the limit
+    (`/sys/fs/cgroup/cpu.max`, "QUOTA PERIOD") says how much of them the container gets.
+    """
+    count = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return count
+    if quota == "max":
+        return count
+    return max(1, min(count, math.ceil(int(quota) / int(period))))
 
 
 def _serve_workers(serve_config: config.ServeConfig, workers: int) -> int:

@@ -35,6 +35,7 @@ class ServeConfig:
     log_format: str = "text"
     threads: int = DEFAULT_THREADS
     grace_period_s: float = DEFAULT_GRACE_PERIOD_S
+    shutdown_delay_s: float = 0.0
     watch: bool = True
     reuse_port: bool = False  # set for worker processes that share one port
     max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS

@@ -129,6 +129,12 @@ class PolicySnapshot:
         if found is not None:
             return found
         found = _select(self.policy_set, workload, self.root_namespace)
+        if not (found.jwt_rules or found.deny or found.allow or found.audit or found.dry_run) and (
+                self.policy_set.request_authentications or self.policy_set.authorization_policies):
+            # Logged once per workload and revision: the selection is cached below.
+            logger.warning("no policy of revision %s applies to workload %s %s, so its requests are allowed; "
+                           "check the namespace and labels Envoy sends (context_extensions) or the "
+                           "--workload-* flags", self.revision, workload.namespace, workload.label_dict())
         with self._lock:
             if len(self._by_workload) >= WORKLOAD_CACHE_SIZE:
                 self._by_workload.clear()

@@ -165,6 +165,9 @@ class ExtAuthzServer:
         self.health.enter_graceful_shutdown()
         self.ready = False
         metrics.READY.set(0)
+        if self.config.shutdown_delay_s > 0 and self._server is not None:
+            logger.info("health is NOT_SERVING; still accepting Checks for %.1fs", self.config.shutdown_delay_s)
+            time.sleep(self.config.shutdown_delay_s)
         self.reloader.stop()
         self.jwks.close()
         if self._server is not None:

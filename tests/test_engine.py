@@ -254,3 +254,14 @@ def test_unavailable_remote_keys_reject_token() -> None:
         assert authorizer.decide(request(), WORKLOAD).allowed  # no token: authentication passes
     finally:
         jwks.close()
+
+
+def test_workload_without_policies_warned_once(caplog: pytest.LogCaptureFixture) -> None:
+    authorizer = authorizer_for(REQUIRE_JWT)
+    other = Workload.of("elsewhere", {"app": "x"})
+    with caplog.at_level("WARNING", logger="extauthz.engine"):
+        assert authorizer.decide(request(), other).reason == "allowed_no_allow_policy"
+        assert authorizer.decide(request(), other).allowed
+    warnings = [r.getMessage() for r in caplog.records if "no policy of revision" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "workload elsewhere {'app': 'x'}" in warnings[0]
