@@ -33,3 +33,9 @@ test: install  ## run every test, end-to-end ones with the real Envoy and grpcur
 lint: install  ## ruff and mypy
 	$(BIN)/ruff check extauthz tests
 	$(BIN)/mypy extauthz
+
+.PHONY: bench
+bench: install  ## run the benchmarks and write docs/performance.md (about 8 minutes; QUICK=1: about 2)
+	@command -v h2load >/dev/null && command -v wrk >/dev/null || \
+		{ apt-get update && apt-get install -y nghttp2-client wrk; }
+	$(BIN)/python -m benchmarks.run $(if $(QUICK),--quick)

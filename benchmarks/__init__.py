@@ -1,0 +1,1 @@
+"""Load and CPU benchmarks of extauthz; `make bench` runs them and writes docs/performance.md."""
