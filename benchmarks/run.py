@@ -1,6 +1,6 @@
 """Run the extauthz benchmarks and write docs/performance.md.
 
-    python -m benchmarks.run [--quick] [--sections 1,2,3,4] [--output PATH]
+    python -m benchmarks.run [--quick] [--sections 1,2,3,4,5] [--output PATH]
 
 Every server listens on 127.0.0.1 only, and every process started here is stopped at the
 end of its section, also when the section fails. Temporary files go to a work directory
@@ -31,7 +31,7 @@ import google.protobuf
 import grpc
 import jwt
 
-from benchmarks import direct, engine_alone, scaling, through_envoy
+from benchmarks import direct, engine_alone, reload, scaling, through_envoy
 from benchmarks.context import DEFAULT_PROFILE, QUICK_PROFILE, BenchContext, CpuSplit, Profile, Section
 from benchmarks.loadgen import BenchmarkError, CommandLog
 from benchmarks.measure import allowed_cpus, cpu_model, load_average, tool_version
@@ -39,7 +39,8 @@ from benchmarks.report import table
 from benchmarks.scenario import HOST, METHOD, PATH, policy_yaml, serve_flags, start_scenario
 from tests.support.processes import REPO_ROOT, find_tool
 
-SECTIONS: dict[str, ModuleType] = {"1": direct, "2": through_envoy, "3": engine_alone, "4": scaling}
+SECTIONS: dict[str, ModuleType] = {"1": direct, "2": through_envoy, "3": engine_alone, "4": scaling,
+                                   "5": reload}
 REQUIRED_TOOLS = {"h2load": "nghttp2-client", "wrk": "wrk", "taskset": "util-linux", "setpriv": "util-linux"}
 
 
