@@ -307,10 +307,10 @@ class Authorizer:
         if cached is not None:
             if self._clock() <= cached.expires_at and self.jwks.keyset(cached.rule.key_source) is cached.keyset:
                 self.token_cache_hits += 1
-                metrics.TOKEN_CACHE.labels("hit").inc()
+                metrics.TOKEN_CACHE_HIT.inc()
                 return cached.rule, cached.token
             snapshot.tokens.pop(key, None)
-        metrics.TOKEN_CACHE.labels("miss").inc()
+        metrics.TOKEN_CACHE_MISS.inc()
         outcome = self._verify(text, rules)
         if outcome is None:
             return None

@@ -7,11 +7,15 @@ cannot reach it.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import os
+import re
 import sys
+import threading
 import time
-from typing import Any
+from typing import Any, TextIO
 
 from extauthz.decision import Decision
 from extauthz.request import RequestContext, Workload
@@ -40,18 +44,102 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, separators=(",", ":"), default=str)
 
 
+FLUSH_INTERVAL_S = 0.2
+MAX_BUFFERED_CHARS = 64 * 1024
+
+
+class DecisionLogWriter:
+    """Write decision lines in batches from a background thread.
+
+    A line per Check through the logging module cost about 70 microseconds of CPU in the
+    benchmark (record, formatter, lock, one write call each). Here a line is formatted
+    with a cached timestamp and appended to a buffer, and the buffer is written at most
+    FLUSH_INTERVAL_S later, or at once when it grows past MAX_BUFFERED_CHARS.
+    """
+
+    def __init__(self, stream: TextIO, log_format: str) -> None:
+        self._stream = stream
+        self._json = log_format == "json"
+        self._lines: list[str] = []
+        self._size = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._second = -1
+        self._stamp = ""
+        self._pid = os.getpid()
+        self._thread = threading.Thread(target=self._run, name="decision-log", daemon=True)
+        self._thread.start()
+        atexit.register(self.flush)
+
+    def write(self, fields: dict[str, Any]) -> None:
+        now = time.time()
+        second = int(now)
+        milliseconds = int((now - second) * 1000)
+        if second != self._second:  # strftime once a second, not once a line
+            self._second = second
+            if self._json:
+                self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            else:
+                self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        # The same layout as the other log lines (TEXT_FORMAT and JsonFormatter).
+        if self._json:
+            line = json.dumps({"time": f"{self._stamp}.{milliseconds:03d}Z", "level": "INFO",
+                               "logger": decision_logger.name, "pid": self._pid, **fields},
+                              separators=(",", ":"), default=str)
+        else:
+            message = " ".join(f"{key}={_text_value(value)}" for key, value in fields.items())
+            line = f"{self._stamp},{milliseconds:03d} INFO {decision_logger.name} [{self._pid}]: {message}"
+        with self._lock:
+            self._lines.append(line)
+            self._size += len(line)
+            full = self._size > MAX_BUFFERED_CHARS
+        if full:
+            self._wake.set()
+
+    def flush(self) -> None:
+        with self._lock:
+            lines, self._lines, self._size = self._lines, [], 0
+        if lines:
+            try:
+                self._stream.write("\n".join(lines) + "\n")
+                self._stream.flush()
+            except (OSError, ValueError):  # the stream is closed at interpreter exit
+                pass
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(FLUSH_INTERVAL_S)
+            self._wake.clear()
+            self.flush()
+
+
+_writer: DecisionLogWriter | None = None
+
+
 def configure_logging(level: str, log_format: str = "text") -> None:
-    """Set up the root handler; called by the command line only."""
+    """Set up the root handler and the decision log writer; called by the command line only."""
+    global _writer
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    if _writer is not None:
+        _writer.flush()
+    _writer = DecisionLogWriter(sys.stderr, log_format)
+
+
+def flush_decision_log() -> None:
+    if _writer is not None:
+        _writer.flush()
+
+
+_NEEDS_QUOTES = re.compile(r'[\s"=\\]')
 
 
 def _text_value(value: object) -> str:
     text = str(value)
-    if not text or any(c in text for c in ' "=\\\n\r\t'):
+    if not text or _NEEDS_QUOTES.search(text):
         return json.dumps(text)
     return text
 
@@ -86,5 +174,9 @@ def decision_fields(decision: Decision, ctx: RequestContext | None, workload: Wo
 
 
 def log_decision(fields: dict[str, Any]) -> None:
+    """Write one decision line: batched when the command line set up logging, else a log record."""
+    if _writer is not None:
+        _writer.write(fields)
+        return
     message = " ".join(f"{key}={_text_value(value)}" for key, value in fields.items())
     decision_logger.info(message, extra={"fields": fields})

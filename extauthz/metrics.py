@@ -38,6 +38,20 @@ JWKS_LAST_SUCCESS = Gauge("extauthz_jwks_last_success_timestamp_seconds",
                           "Unix time of the last good fetch of each key source; its age is time() minus this",
                           ["source"], multiprocess_mode="max")
 TOKEN_CACHE = Counter("extauthz_token_cache_lookups_total", "Verified-token cache lookups by result", ["result"])
+# Children used on every Check, looked up once: `labels()` validates and locks on each call.
+TOKEN_CACHE_HIT = TOKEN_CACHE.labels("hit")
+TOKEN_CACHE_MISS = TOKEN_CACHE.labels("miss")
+_decision_children: dict[tuple[str, str], Counter] = {}
+
+
+def count_decision(decision: str, reason: str, duration_s: float) -> None:
+    child = _decision_children.get((decision, reason))
+    if child is None:
+        child = _decision_children.setdefault((decision, reason), DECISIONS.labels(decision, reason))
+    child.inc()
+    CHECK_DURATION.observe(duration_s)
+
+
 READY = Gauge("extauthz_ready", "1 while the process serves a loaded policy revision", multiprocess_mode="liveall")
 
 _revision: list[str] = []  # the revision this process serves, once one is loaded

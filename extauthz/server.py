@@ -20,6 +20,7 @@ from extauthz.config import ServeConfig
 from extauthz.engine import Authorizer
 from extauthz.errors import ConfigError
 from extauthz.jwks import HttpFetcher, JwksCache
+from extauthz.logs import flush_decision_log
 from extauthz.reload import PolicyReloader
 from extauthz.servicer import AuthorizationServicer, CheckSettings
 
@@ -186,6 +187,7 @@ class ExtAuthzServer:
         if self._metrics is not None:
             self._metrics.stop()
             self._metrics = None
+        flush_decision_log()
         logger.info("stopped")
 
     def wait(self) -> None:

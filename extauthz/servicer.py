@@ -202,8 +202,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             logger.exception("building the CheckResponse of %s failed; returning deny", decision_id)
             return _FALLBACK_DENY
         duration = time.perf_counter() - started
-        metrics.DECISIONS.labels("allow" if decision.allowed else "deny", decision.reason).inc()
-        metrics.CHECK_DURATION.observe(duration)
+        metrics.count_decision("allow" if decision.allowed else "deny", decision.reason, duration)
         for result in decision.shadow:
             metrics.DRY_RUN_RESULTS.labels(result).inc()
         if decision_logger.isEnabledFor(logging.INFO):
