@@ -8,8 +8,6 @@ almost no CPU.
 from __future__ import annotations
 
 import re
-import shlex
-import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,7 +31,7 @@ TITLE = "4. Scaling"
 
 @dataclass
 class Server:
-    """One `extauthz serve` under test. With `pin_workers`, worker i is moved to the i-th CPU of `cpu_list`."""
+    """One `extauthz serve` under test. With `pin_workers`, it runs with `--pin-workers`."""
 
     label: str
     workers: int
@@ -72,25 +70,16 @@ def _configurations(ctx: BenchContext) -> list[tuple[str, int, str, bool]]:
     """Return (label, workers, CPU list, pin each worker) of the servers to compare.
 
     `--workers 1` on one CPU is the reference, because one process is limited by the GIL
-    and section 1 runs it that way. Pinning each worker to its own CPU is not something
-    extauthz does; it shows how much the kernel's scheduling of the workers costs.
+    and section 1 runs it that way. `--pin-workers` pins worker i to the i-th allowed CPU,
+    which shows how much the kernel's scheduling of unpinned workers costs.
     """
     both, server = ctx.cpus.both, ctx.cpus.server
     return [
         (f"`--workers 1`, CPUs {both}", 1, both, False),
         (f"`--workers 1`, CPU {server}", 1, server, False),
         (f"`--workers 2`, CPUs {both}", 2, both, False),
-        ("`--workers 2`, each worker pinned to one CPU", 2, both, True),
+        (f"`--workers 2 --pin-workers`, CPUs {both}", 2, both, True),
     ]
-
-
-def _pin_workers(ctx: BenchContext, server: Server) -> None:
-    """Move each worker, all its threads included, to its own CPU with `taskset -a -p`."""
-    cpus = server.cpu_list.split(",")
-    for index, pid in enumerate(server.worker_pids):
-        args = ["taskset", "--all-tasks", "--pid", "--cpu-list", cpus[index % len(cpus)], str(pid)]
-        subprocess.run(args, check=True, capture_output=True, timeout=30)  # noqa: S603
-        ctx.commands.add_text(f"{shlex.join(args[:-1])} $WORKER{index + 1}_PID")
 
 
 def run(ctx: BenchContext) -> Section:
@@ -101,15 +90,14 @@ def run(ctx: BenchContext) -> Section:
     try:
         for index, (label, workers, cpu_list, pin_workers) in enumerate(_configurations(ctx)):
             port = free_port()
-            process = PinnedExtauthz(cpu_list, ctx.scenario.policies_dir, "--workers", str(workers),
+            pin_flag = ["--pin-workers"] if pin_workers else []
+            process = PinnedExtauthz(cpu_list, ctx.scenario.policies_dir, "--workers", str(workers), *pin_flag,
                                      listen=f"127.0.0.1:{port}", work_dir=ctx.work_dir / f"scaling-{index}")
             servers.append(Server(label, workers, cpu_list, pin_workers, process, port))
             process.start(timeout=START_TIMEOUT_S)
             process.wait_serving(service="envoy.service.auth.v3.Authorization", timeout=START_TIMEOUT_S)
             _wait_for_workers(servers[-1])
             ctx.commands.add(process.args)
-            if pin_workers:
-                _pin_workers(ctx, servers[-1])
         for server in servers:
             server.call = encode_authorization_check(ctx.scenario, server.process.address, ctx.work_dir)
         log_file = ctx.work_dir / "h2load-scaling.log"

@@ -38,6 +38,7 @@ class ServeConfig:
     shutdown_delay_s: float = 0.0
     watch: bool = True
     reuse_port: bool = False  # set for worker processes that share one port
+    pin_workers: bool = False
     max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS
     metrics_listen: str | None = None
     admin_listen: str | None = None  # None: the Admin service shares the main listener

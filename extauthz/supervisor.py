@@ -30,13 +30,21 @@ PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 MONITOR_INTERVAL_S = 0.5
 
 
-def run_worker(config: ServeConfig) -> None:
+def run_worker(config: ServeConfig, index: int = 0) -> None:
     """Entry point of one worker process: serve until SIGTERM or SIGINT, then drain."""
     from extauthz.errors import ConfigError
     from extauthz.logs import configure_logging
     from extauthz.server import ExtAuthzServer
 
+    cpu = None
+    if config.pin_workers:
+        cpus = sorted(os.sched_getaffinity(0))
+        cpu = cpus[index % len(cpus)]
+        # First, before any thread starts: threads inherit the affinity of their creator.
+        os.sched_setaffinity(0, {cpu})
     configure_logging(config.log_level, config.log_format)
+    if cpu is not None:
+        logger.info("worker %d pinned to CPU %d", index, cpu)
     _stop_with_parent()
     stop_requested = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -79,8 +87,8 @@ class Supervisor:
         self._processes: list[BaseProcess] = []
         self._stop = threading.Event()
 
-    def _spawn(self) -> BaseProcess:
-        process = self._context.Process(target=run_worker, args=(self.config,),
+    def _spawn(self, index: int) -> BaseProcess:
+        process = self._context.Process(target=run_worker, args=(self.config, index),
                                         name="extauthz-worker", daemon=False)
         process.start()
         logger.info("started worker pid %d", process.pid)
@@ -110,7 +118,7 @@ class Supervisor:
                 shutil.rmtree(metrics_dir, ignore_errors=True)
 
     def _run_workers(self) -> int:
-        self._processes = [self._spawn() for _ in range(self.workers)]
+        self._processes = [self._spawn(index) for index in range(self.workers)]
         while not self._stop.wait(MONITOR_INTERVAL_S):
             for index, process in enumerate(self._processes):
                 if process.is_alive():
@@ -122,7 +130,7 @@ class Supervisor:
                 logger.error("worker pid %d exited with code %s; restarting it", process.pid, process.exitcode)
                 _forget(process)
                 time.sleep(RESTART_DELAY_S)
-                self._processes[index] = self._spawn()
+                self._processes[index] = self._spawn(index)
         return self._shutdown()
 
     def _shutdown(self) -> int:

@@ -8,6 +8,8 @@ the case's expectations.
 
 from __future__ import annotations
 
+import re
+
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -117,6 +119,8 @@ def assert_load_rejected(policy_dir: Path, policy_file: Path | None, expected: d
         assert Path(problem.file).name == POLICY_FILE_NAME, str(problem)
         assert 1 <= problem.line <= line_count, str(problem)
         assert f"{problem.file}:{problem.line}" in message
+        # "<kind>/<namespace>/<name>: <field path>: <what is wrong>"
+        assert re.match(r"AuthorizationPolicy/[\w-]+/[\w-]+: spec[\w.\[\]]*: ", problem.message), str(problem)
 
     expected_text = expected.get("problem_contains")
     if expected_text:
@@ -219,6 +223,11 @@ def test_istio_case(
         assert health == health_pb2.HealthCheckResponse.NOT_SERVING
         assert response.status.code != code_pb2.OK, describe(response)
         return
+
+    # The policies of every other case are valid: a rejected set would also deny, with
+    # the same 403 body, so this keeps deny cases from passing for the wrong reason.
+    if policy_file is not None:
+        load_policy_dir(policy_dir)
 
     with running_server(policy_dir, jwks_server) as port, connected_channel(port) as channel:
         # Tokens are signed now because their time claims are relative to the request time.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
@@ -22,13 +23,20 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def cpus_allowed(pid: str) -> str:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Cpus_allowed_list:"):
+            return line.split(":", 1)[1].strip()
+    raise AssertionError(f"no Cpus_allowed_list for pid {pid}")
+
+
 def test_two_workers_share_port_and_stop(tmp_path: Path) -> None:
     port = free_port()
     log = tmp_path / "serve.log"
     with log.open("w") as output:
         process = subprocess.Popen(
             [sys.executable, "-m", "extauthz", "serve", "--policies", str(REPO / "policies"),
-             "--listen", f"127.0.0.1:{port}", "--workers", "2", "--workload-namespace", "demo",
+             "--listen", f"127.0.0.1:{port}", "--workers", "2", "--pin-workers", "--workload-namespace", "demo",
              "--workload-label", "app=httpbin"],
             stdout=output, stderr=subprocess.STDOUT, cwd=REPO)
     try:
@@ -44,6 +52,9 @@ def test_two_workers_share_port_and_stop(tmp_path: Path) -> None:
             time.sleep(0.1)
         response = send_check(address, build_check_request(path="/public/x"))
         assert response.status.code == 0
+        available = sorted(os.sched_getaffinity(0))
+        pinned = sorted(cpus_allowed(pid) for pid, _ in pids)
+        assert pinned == sorted(str(available[i % len(available)]) for i in range(2))
 
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
