@@ -5,15 +5,17 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 LISTEN ?= 0.0.0.0:9001
 DEMO_ISSUER := https://demo.extauthz.local
+PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: help install run token test lint
+.PHONY: help install run token test lint proto
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
 
 install: $(INSTALLED)  ## create .venv with extauthz and its test tools
 
-$(INSTALLED): pyproject.toml
+# The install also compiles protos/ (setup.py), so it reruns when they change.
+$(INSTALLED): pyproject.toml setup.py $(PROTOS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
@@ -31,8 +33,11 @@ test: install  ## run every test, end-to-end ones with the real Envoy and grpcur
 	$(BIN)/python -m pytest
 
 lint: install  ## ruff and mypy
-	$(BIN)/ruff check extauthz tests
+	$(BIN)/ruff check extauthz tests benchmarks
 	$(BIN)/mypy extauthz
+
+proto: install  ## compile protos/ again (the install does it too)
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
 
 .PHONY: bench
 bench: install  ## run the benchmarks and write docs/performance.md (about 8 minutes; QUICK=1: about 2)

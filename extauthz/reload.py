@@ -59,11 +59,11 @@ class PolicyReloader:
             return self._reload_locked()
 
     def _reload_locked(self) -> bool:
-        kept = f"keeping revision {self.revision}" if self.revision else "no revision is serving yet"
+        fallback = f"keeping revision {self.revision}" if self.revision else "no revision is serving yet"
         try:
             contents = self._read_settled()
         except PolicyError as exc:
-            self._report(exc, kept)
+            self._report(exc, fallback)
             self._seen_revision = None
             return False
         revision = revision_of(contents, self.directory)
@@ -74,7 +74,7 @@ class PolicyReloader:
             policy_set = compile_policy_files(contents, revision)
         except PolicyError as exc:
             metrics.RELOADS.labels("rejected").inc()
-            self._report(exc, kept, revision)
+            self._report(exc, fallback, revision)
             return False
         for warning in policy_set.warnings:
             logger.warning("%s", warning)
@@ -114,14 +114,14 @@ class PolicyReloader:
             contents = again
         return contents
 
-    def _report(self, exc: PolicyError, kept: str, revision: str | None = None) -> None:
+    def _report(self, exc: PolicyError, fallback: str, revision: str | None = None) -> None:
         errors = [p for p in exc.problems if p.severity == "error"]
         message = str(errors[0]) if errors else str(exc)
         if message == self.last_error and revision is None:
             return  # the same unreadable directory again: logged once already
         self.last_error = message
-        what = f"policy revision {revision}" if revision else f"policy directory {self.directory}"
-        logger.error("%s rejected with %d error(s); %s", what, len(errors), kept)
+        subject = f"policy revision {revision}" if revision else f"policy directory {self.directory}"
+        logger.error("%s rejected with %d error(s); %s", subject, len(errors), fallback)
         for problem in exc.problems:
             logger.error("%s", problem)
 

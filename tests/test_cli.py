@@ -77,6 +77,7 @@ def test_token_accepted_by_example_policies() -> None:
 
 
 def test_flags_read_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only parsed: nothing listens on these addresses.
     monkeypatch.setenv("EXTAUTHZ_LISTEN", "127.0.0.1:7000")
     monkeypatch.setenv("EXTAUTHZ_WORKLOAD_LABEL", "app=httpbin,version=v1")
     monkeypatch.setenv("EXTAUTHZ_XFF_NUM_TRUSTED_HOPS", "2")

@@ -53,7 +53,8 @@ def test_explain_bad_token() -> None:
 def test_explain_deny_policy_match() -> None:
     result = explain("--path", "/admin", "--token", demo_token())
     assert "DENY demo/admin-needs-group rules[0] matched" in result.stdout
-    assert result.stdout.splitlines()[-1] == "decision: DENY 403 (reason denied_by_policy) by demo/admin-needs-group rules[0]"
+    expected = "decision: DENY 403 (reason denied_by_policy) by demo/admin-needs-group rules[0]"
+    assert result.stdout.splitlines()[-1] == expected
 
 
 def test_explain_no_allow_match_says_why() -> None:

@@ -9,7 +9,6 @@ the case's expectations.
 from __future__ import annotations
 
 import re
-
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path

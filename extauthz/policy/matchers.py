@@ -1,8 +1,8 @@
 """Compiled matchers for AuthorizationPolicy fields and `when` conditions.
 
-Everything here is built once per policy revision; evaluation does no parsing and no
-regex compilation. Semantics follow Istio: a positive field matches when any value
-matches a present attribute; a negative field (`notX`, `notValues`) matches when no value
+Everything here is built once per policy revision, so evaluation does no parsing and no
+regex compilation. Semantics follow Istio. A positive field matches when any value
+matches a present attribute. A negative field (`notX`, `notValues`) matches when no value
 matches, which includes an absent attribute.
 """
 
@@ -238,7 +238,12 @@ class FieldCheck:
 
     def __call__(self, ctx: RequestContext) -> bool:
         value = self.getter(ctx)
-        values = value if isinstance(value, list) else ([] if value is None else [value])
+        if isinstance(value, list):
+            values = value
+        elif value is None:
+            values = []
+        else:
+            values = [value]
         if self.positive and not any(m(v) for v in values for m in self.positive):
             return False
         if self.negative and any(m(v) for v in values for m in self.negative):
