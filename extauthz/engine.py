@@ -234,8 +234,8 @@ class Authorizer:
 
     # --- authentication -------------------------------------------------------------------
 
-    def authenticate(self, ctx: RequestContext, policies: WorkloadPolicies,
-                     snapshot: PolicySnapshot | None = None, trace: list[str] | None = None) -> Authentication:
+    def authenticate(self, ctx: RequestContext, policies: WorkloadPolicies, snapshot: PolicySnapshot,
+                     trace: list[str] | None = None) -> Authentication:
         result = Authentication()
         if not policies.jwt_rules:
             if trace is not None:
@@ -293,15 +293,12 @@ class Authorizer:
         return result
 
     def _verify_cached(self, location: TokenLocation, text: str, rules: tuple[JwtRule, ...],
-                       snapshot: PolicySnapshot | None) -> tuple[JwtRule, VerifiedToken] | None:
+                       snapshot: PolicySnapshot) -> tuple[JwtRule, VerifiedToken] | None:
         """Verify a token, skipping the signature check for a token verified before.
 
         A cached entry serves only while the key set it was verified with is the current
         one (a rotation or refetch drops it) and until the token's exp plus clock skew.
         """
-        if snapshot is None:
-            outcome = self._verify(text, rules)
-            return (outcome[0], outcome[1]) if outcome else None
         key = (location, text)
         cached = snapshot.tokens.get(key)
         if cached is not None:
