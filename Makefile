@@ -21,13 +21,13 @@ $(INSTALLED): pyproject.toml setup.py $(PROTOS)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(INSTALLED)
 
-run: install  ## serve the example policies in policies/ on $(LISTEN)
+run: install  ## serve the example policies in policies/ (LISTEN=HOST:PORT, default 0.0.0.0:9001)
 	$(BIN)/extauthz serve --policies policies --listen $(LISTEN) \
 		--workload-namespace demo --workload-label app=httpbin
 
-token: install  ## print a token the example policies accept (add CLAIMS='--claim groups=["admin"]')
+token: install  ## print a token the example policies accept (GROUP=admin adds that groups claim)
 	@$(BIN)/extauthz token --key deploy/demo/demo-signing-key.pem --issuer $(DEMO_ISSUER) \
-		--audience httpbin.demo --kid demo-1 $(CLAIMS)
+		--audience httpbin.demo --kid demo-1 $(if $(GROUP),--claim 'groups=["$(GROUP)"]')
 
 test: install  ## run every test, end-to-end ones with the real Envoy and grpcurl included
 	$(BIN)/python -m pytest

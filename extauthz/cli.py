@@ -39,6 +39,29 @@ def _label(text: str) -> tuple[str, str]:
     return key, value
 
 
+def _address(text: str) -> str:
+    """Check HOST:PORT (IPv6 hosts in brackets) and return it unchanged."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"invalid address {text!r}: write HOST:PORT, like 127.0.0.1:9001")
+    return text
+
+
+def _choice(*choices: str, fold: str = "") -> Any:
+    """Build an argparse type that checks values from flags and from EXTAUTHZ_* variables alike.
+
+    argparse checks `choices` only on the command line, not on a default read from the
+    environment, so the check happens in the type function.
+    """
+    def parse(text: str) -> str:
+        value = text.upper() if fold == "upper" else text.lower() if fold == "lower" else text
+        if value not in choices:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: choose one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
 def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -67,7 +90,8 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
                             **kwargs)
 
     flag("policies", str(config.DEFAULT_POLICIES), "directory of policy YAML files, read recursively")
-    flag("listen", config.DEFAULT_LISTEN, "HOST:PORT of the gRPC listener; port 0 picks a free port")
+    flag("listen", config.DEFAULT_LISTEN, "HOST:PORT of the gRPC listener; port 0 picks a free port",
+         type=_address)
     flag("root-namespace", config.DEFAULT_ROOT_NAMESPACE, "namespace whose policies apply to every workload")
     flag("workload-namespace", None, "namespace of the workload when a Check does not name one")
     env_labels = _env("workload-label")
@@ -79,15 +103,15 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     flag("xff-num-trusted-hops", 0, "trusted proxies that append to X-Forwarded-For; remote.ip is the entry "
          "this many places from the right", type=_non_negative_int)
     flag("log-level", "INFO", "DEBUG adds the trace of every decision; INFO logs one line per decision; "
-         "WARNING or ERROR log problems only", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+         "WARNING or ERROR log problems only", type=_choice("DEBUG", "INFO", "WARNING", "ERROR", fold="upper"))
     flag("admin-listen", None, "HOST:PORT of a separate plaintext gRPC listener for the Admin service "
-         "(Explain, ListPolicies, Status); when not set, Admin is served on --listen")
+         "(Explain, ListPolicies, Status); when not set, Admin is served on --listen", type=_address)
     flag("tls-cert", None, "PEM certificate chain: serve gRPC over TLS (needs --tls-key)")
     flag("tls-key", None, "PEM private key of --tls-cert")
     flag("tls-client-ca", None, "PEM CA bundle: require client certificates signed by it (mTLS)")
     flag("metrics-listen", None, "HOST:PORT of an HTTP listener for /metrics (Prometheus), /healthz and "
-         "/readyz; off when not set")
-    flag("log-format", "text", "text or json (one object per line)", choices=("text", "json"))
+         "/readyz; off when not set", type=_address)
+    flag("log-format", "text", "text or json (one object per line)", type=_choice("text", "json", fold="lower"))
     flag("workers", None, "server processes sharing the port (SO_REUSEPORT); default: one per available CPU, "
          "or 1 with port 0", type=_non_negative_int)
     parser.add_argument("--pin-workers", action="store_true",
@@ -133,11 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     token = commands.add_parser("token", help="sign a JWT with a private key, for testing policies")
     token.add_argument("--key", type=Path, required=True, help="PEM private key (RSA, EC or Ed25519)")
     token.add_argument("--issuer", required=True)
-    token.add_argument("--subject", default="alice")
+    token.add_argument("--subject", default="alice", help="sub claim (default: %(default)s)")
     token.add_argument("--audience", action="append", default=[], help="repeatable")
     token.add_argument("--kid", default=None)
     token.add_argument("--alg", default=None, help="default: RS256, ES256/384/512 or EdDSA from the key type")
-    token.add_argument("--ttl", type=int, default=3600, help="seconds until exp")
+    token.add_argument("--ttl", type=int, default=3600, help="seconds until exp (default: %(default)s)")
     token.add_argument("--claim", action="append", default=[], metavar="NAME=JSON",
                        help='extra claim, value as JSON or plain text, like groups=["admin"]; repeatable')
     explain = commands.add_parser(
@@ -420,6 +444,10 @@ def token(args: argparse.Namespace) -> int:
         try:
             claims[name] = json.loads(raw)
         except ValueError:
+            if raw.lstrip().startswith(("[", "{", '"')):
+                print(f"extauthz token: --claim {name}: {raw!r} is not valid JSON; quote it for the shell, "
+                      """like --claim 'groups=["admin"]'""", file=sys.stderr)
+                return 2
             claims[name] = raw
     headers = {"kid": args.kid} if args.kid else None
     print(jwt.encode(claims, key, algorithm=alg, headers=headers))  # type: ignore[arg-type]

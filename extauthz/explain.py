@@ -40,6 +40,13 @@ class RequestDescription:
     @classmethod
     def from_mapping(cls, data: dict[str, Any]) -> RequestDescription:
         """Build from parsed JSON; raises ValueError naming an unknown or mistyped field."""
+        data = dict(data)
+        workload = data.pop("workload", None)
+        if workload is not None:  # the Admin API's form: {"workload": {"namespace": ..., "labels": ...}}
+            if not isinstance(workload, dict) or set(workload) - {"namespace", "labels"}:
+                raise ValueError("workload must be an object with namespace and labels")
+            data.setdefault("namespace", workload.get("namespace", ""))
+            data.setdefault("labels", workload.get("labels", {}))
         unknown = sorted(set(data) - set(_FIELDS))
         if unknown:
             raise ValueError(f"unknown field(s) {', '.join(unknown)}; known fields: {', '.join(_FIELDS)}")

@@ -124,6 +124,8 @@ def configure_logging(level: str, log_format: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # watchfiles logs every change at INFO; extauthz logs the reload it causes instead.
+    logging.getLogger("watchfiles").setLevel(max(logging.WARNING, root.level))
     if _writer is not None:
         _writer.flush()
     _writer = DecisionLogWriter(sys.stderr, log_format)

@@ -125,7 +125,8 @@ class MetricsServer:
 
     def start(self) -> None:
         self._thread.start()
-        logger.info("metrics listening on port %d (/metrics, /healthz, /readyz)", self.port)
+        host = self._server.server_address[0]
+        logger.info("metrics on http://%s:%d (/metrics, /healthz, /readyz)", host, self.port)
 
     def stop(self) -> None:
         self._server.shutdown()

@@ -70,6 +70,11 @@ class PolicyReloader:
         if revision == self._seen_revision:
             return False  # same content: a touch or a rewrite with the same bytes
         self._seen_revision = revision
+        if revision == self.revision:
+            # Back to the content being served, after a rejected change: nothing to swap.
+            logger.info("policy directory is back to revision %s, which is still serving", revision)
+            self.last_error = None
+            return False
         try:
             policy_set = compile_policy_files(contents, revision)
         except PolicyError as exc:

@@ -107,6 +107,9 @@ class Supervisor:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
             from extauthz import metrics
 
+            # Importing metrics created this process's own samples (extauthz_ready 0); the
+            # supervisor serves no Checks, so they are dropped from what /metrics reports.
+            metrics.mark_process_dead(os.getpid())
             metrics_server = metrics.MetricsServer(self.metrics_listen, metrics.ready_from_workers)
             metrics_server.start()
         try:

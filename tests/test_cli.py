@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -93,3 +94,25 @@ def test_serve_rejects_bad_flag_value() -> None:
     result = run_cli("serve", "--workload-label", "no-equals-sign")
     assert result.returncode == 2
     assert "invalid label 'no-equals-sign': write KEY=VALUE" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["serve", "--listen", "localhost"], {}, "invalid address 'localhost': write HOST:PORT"),
+        (["serve"], {"EXTAUTHZ_LOG_LEVEL": "verbose"}, "invalid value 'verbose': choose one of DEBUG, INFO"),
+        (["serve"], {"EXTAUTHZ_LOG_FORMAT": "yaml"}, "invalid value 'yaml': choose one of text, json"),
+    ],
+)
+def test_serve_rejects_invalid_values(args: list[str], env: dict[str, str], message: str) -> None:
+    result = run_cli(*args, env={**os.environ, **env})
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_token_rejects_unquoted_json_claim() -> None:
+    result = run_cli("token", "--key", "deploy/demo/demo-signing-key.pem", "--issuer", "https://i.test",
+                     "--claim", "groups=[admin]")
+    assert result.returncode == 2
+    assert "groups: '[admin]' is not valid JSON" in result.stderr

@@ -114,7 +114,8 @@ def test_unknown_kind_rejected(tmp_path: Path) -> None:
                               "metadata: {name: a, namespace: b}\n")
     (problem,) = problems_of(tmp_path)
     assert problem.endswith("a.yaml:2: kind: unsupported kind 'PeerAuthentication'; expected one of "
-                            "RequestAuthentication, AuthorizationPolicy")
+                            "RequestAuthentication, AuthorizationPolicy (keep other resources out of the "
+                            "policy directory)")
 
 
 def test_yaml_syntax_error_names_line(tmp_path: Path) -> None:
@@ -193,3 +194,24 @@ def test_empty_file_rejected(tmp_path: Path) -> None:
     (problem,) = problems_of(tmp_path)
     assert problem == f"{tmp_path / 'b.yaml'}:1: file has no YAML documents; delete the file to remove its policies"
     assert path.exists()
+
+
+def test_misspelled_field_reported_once(tmp_path: Path) -> None:
+    write(tmp_path, "a.yaml", AP_HEADER + "spec:\n  rules:\n  - to:\n    - operation:\n        method: [GET]\n")
+    (problem,) = problems_of(tmp_path)
+    assert "unknown field 'method'; known fields here: hosts, methods" in problem
+
+
+def test_other_kind_reported_by_kind_only(tmp_path: Path) -> None:
+    write(tmp_path, "a.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\ndata:\n  a: b\n")
+    (problem,) = problems_of(tmp_path)
+    assert "unsupported kind 'ConfigMap'" in problem
+    assert "keep other resources out of the policy directory" in problem
+
+
+def test_tab_indentation_explained(tmp_path: Path) -> None:
+    write(tmp_path, "a.yaml", AP_HEADER + "spec:\n\trules: []\n")
+    (problem,) = problems_of(tmp_path)
+    assert "a.yaml:7: invalid YAML" in problem
+    assert "(column 1)" in problem
+    assert "YAML does not allow tabs for indentation, use spaces" in problem

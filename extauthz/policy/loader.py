@@ -36,8 +36,8 @@ def read_policy_files(directory: Path) -> list[tuple[str, bytes]]:
     """Read every policy file as (display path, content); raises PolicyError when unreadable."""
     if not directory.is_dir():
         reason = "does not exist" if not directory.exists() else "is not a directory"
-        raise PolicyError([Problem(str(directory), 0, f"policy directory {reason}; pass an existing "
-                                   "directory with --policies")])
+        raise PolicyError([Problem(str(directory), 0, f"policy directory {reason}; give the path of the "
+                                   "directory that holds the policy YAML files")])
     contents = []
     problems = []
     for path in discover_files(directory):

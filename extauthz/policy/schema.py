@@ -196,12 +196,13 @@ def _compile_object(ctx: _Context, value: Any, line: int, path: str) -> None:
         for index, item in enumerate(items):
             _compile_object(ctx, item, _line(items, index, line), f"{path}items[{index}].")
         return
-    _mapping(ctx, value, path.rstrip("."), line, _TOP_FIELDS)
     api_version = value.get("apiVersion")
     if kind not in KINDS:
         ctx.error(_line(value, "kind", line), f"{path}kind",
-                  f"unsupported kind {kind!r}; expected one of {', '.join(KINDS)}")
+                  f"unsupported kind {kind!r}; expected one of {', '.join(KINDS)} (keep other resources "
+                  "out of the policy directory)")
         return
+    _mapping(ctx, value, path.rstrip("."), line, _TOP_FIELDS)
     if api_version not in API_VERSIONS:
         ctx.error(_line(value, "apiVersion", line), f"{path}apiVersion",
                   f"unsupported apiVersion {api_version!r}; expected {' or '.join(API_VERSIONS)}")
@@ -614,7 +615,8 @@ def _compile_clauses(
         body = _mapping(ctx, wrapper.get(inner), f"{item_path}.{inner}", wrapper.line_of(inner), fields)
         if body is None:
             continue
-        if not any(body.get(name) for name in fields):
+        if not any(body.get(name) for name in fields) and all(key in fields for key in body):
+            # With an unknown (misspelled) field the error above is the one to fix.
             ctx.error(wrapper.line_of(inner), f"{item_path}.{inner}",
                       f"empty {inner}; set at least one of its fields, or remove '{key}' to match any {inner}")
             continue

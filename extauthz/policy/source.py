@@ -87,6 +87,21 @@ def _build(node: yaml.Node, loader: Any) -> Any:
     return loader.construct_object(node, deep=True)
 
 
+def _describe_syntax_error(exc: yaml.MarkedYAMLError, text: str) -> tuple[int, str]:
+    """Return the line and message of a YAML syntax error, with its column and context."""
+    mark = exc.problem_mark or exc.context_mark
+    line = mark.line + 1 if mark is not None else 1
+    message = f"invalid YAML: {exc.problem or exc.context}"
+    if mark is not None:
+        message += f" (column {mark.column + 1})"
+    if exc.context and exc.context_mark is not None and exc.context_mark is not mark:
+        message += f", {exc.context} at line {exc.context_mark.line + 1}"
+    lines = text.splitlines()
+    if mark is not None and mark.line < len(lines) and "\t" in lines[mark.line][: mark.column + 1]:
+        message += "; YAML does not allow tabs for indentation, use spaces"
+    return line, message
+
+
 def read_documents(text: str) -> list[Document]:
     """Parse every document of a YAML stream; empty documents are dropped.
 
@@ -104,9 +119,7 @@ def read_documents(text: str) -> list[Document]:
                     documents.append(Document(index, node.start_mark.line + 1, value))
             index += 1
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark is not None else 1
-        raise YamlSyntaxError(line, f"invalid YAML: {exc.problem or exc.context}") from None
+        raise YamlSyntaxError(*_describe_syntax_error(exc, text)) from None
     except yaml.YAMLError as exc:
         raise YamlSyntaxError(1, f"invalid YAML: {exc}") from None
     finally:
