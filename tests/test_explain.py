@@ -139,3 +139,12 @@ def test_admin_on_main_listener_by_default(tmp_path: Path) -> None:
         result = grpcurl("-d", "{}", process.address, "extauthz.admin.v1.Admin/Status")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["serving"] is True
+
+
+def test_explain_accepts_admin_request_form() -> None:
+    request = {"path": "/public/a", "workload": {"namespace": "demo", "labels": {"app": "httpbin"}}}
+    result = subprocess.run([sys.executable, "-m", "extauthz", "explain", "--policies", "policies",
+                             "--request", "-", "--format", "json"],
+                            input=json.dumps(request), capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["allowed"] is True
