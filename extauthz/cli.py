@@ -54,7 +54,11 @@ def _choice(*choices: str, fold: str = "") -> Any:
     environment, so the check happens in the type function.
     """
     def parse(text: str) -> str:
-        value = text.upper() if fold == "upper" else text.lower() if fold == "lower" else text
+        value = text
+        if fold == "upper":
+            value = text.upper()
+        elif fold == "lower":
+            value = text.lower()
         if value not in choices:
             raise argparse.ArgumentTypeError(f"invalid value {text!r}: choose one of {', '.join(choices)}")
         return value
@@ -270,7 +274,7 @@ def available_cpus() -> int:
     """Count the CPUs this process may use: its CPU affinity, capped by a cgroup v2 CPU limit.
 
     In a container the affinity lists every CPU of the node, while the limit
-    (`/sys/fs/cgroup/cpu.max`, "QUOTA PERIOD") says how much of them the container gets.
+    (`/sys/fs/cgroup/cpu.max`, "QUOTA PERIOD") sets how much of them the container gets.
     """
     count = len(os.sched_getaffinity(0))
     try:

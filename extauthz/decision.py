@@ -1,4 +1,4 @@
-"""Decisions and the one table that maps each outcome to its gRPC code and HTTP answer."""
+"""Decisions and the one table that maps each outcome to its gRPC code and HTTP response."""
 
 from __future__ import annotations
 

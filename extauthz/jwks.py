@@ -236,12 +236,12 @@ class JwksCache:
         started = []
         with self._lock:
             self._inline = inline_sets
-            wanted = {spec.key_source: spec for spec in remote}
+            configured = {spec.key_source: spec for spec in remote}
             for key, source in list(self._remote.items()):
-                if key not in wanted:
+                if key not in configured:
                     source.stop()
                     del self._remote[key]
-            for key, spec in wanted.items():
+            for key, spec in configured.items():
                 if key not in self._remote:
                     source = RemoteKeySource(spec, self._fetcher, self.settings)
                     self._remote[key] = source

@@ -66,6 +66,7 @@ class PolicyReloader:
             self._report(exc, fallback)
             self._seen_revision = None
             return False
+
         revision = revision_of(contents, self.directory)
         if revision == self._seen_revision:
             return False  # same content: a touch or a rewrite with the same bytes
@@ -75,6 +76,7 @@ class PolicyReloader:
             logger.info("policy directory is back to revision %s, which is still serving", revision)
             self.last_error = None
             return False
+
         try:
             policy_set = compile_policy_files(contents, revision)
         except PolicyError as exc:
@@ -83,12 +85,14 @@ class PolicyReloader:
             return False
         for warning in policy_set.warnings:
             logger.warning("%s", warning)
+
         started = self.jwks.update(policy_set.inline_jwks, policy_set.remote_jwks)
         deadline = time.monotonic() + self.startup_timeout_s
         for source in started:
             # Wait until each new key source was tried once, so that a new revision does
             # not reject tokens only because its keys are still on their way.
             source.wait_attempted(max(0.0, deadline - time.monotonic()))
+
         self.authorizer.snapshot = PolicySnapshot(policy_set, self.root_namespace)
         previous = self.revision
         self.revision = revision
@@ -108,7 +112,7 @@ class PolicyReloader:
         """Read the files until two reads agree, so that a half-written file is not compiled.
 
         NOTE: a writer that pauses longer than SETTLE_S in the middle of a file can still be
-        read half-way; writing a temporary file and renaming it, as Kubernetes does, avoids that.
+        read half-way. Writing a temporary file and renaming it, as Kubernetes does, avoids that.
         """
         contents = read_policy_files(self.directory)
         for _ in range(MAX_SETTLE_ROUNDS):

@@ -86,6 +86,7 @@ class ExtAuthzServer:
         for service in HEALTH_SERVICES:
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         metrics.READY.set(0)
+
         if self.config.metrics_listen:
             try:
                 self._metrics = metrics.MetricsServer(self.config.metrics_listen, lambda: self.ready)
@@ -93,6 +94,7 @@ class ExtAuthzServer:
                 raise ConfigError(f"cannot listen on {self.config.metrics_listen} for metrics: {exc}; "
                                   "choose a free HOST:PORT with --metrics-listen") from None
             self._metrics.start()
+
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.config.threads, thread_name_prefix="check"),
             options=[
@@ -109,6 +111,37 @@ class ExtAuthzServer:
             admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self), server)
             services.append(ADMIN_SERVICE)
         reflection.enable_server_reflection(services, server)
+
+        try:
+            port = self._bind(server, credentials)
+        except ConfigError:
+            if self._metrics is not None:  # nothing else started yet
+                self._metrics.stop()
+                self._metrics = None
+            raise
+        self.port = port
+        server.start()
+        self._server = server
+        host = self.config.listen.rsplit(":", 1)[0]
+        if credentials is None:
+            mode = "plaintext"
+        elif self.config.tls_client_ca:
+            mode = "mTLS"
+        else:
+            mode = "TLS"
+        logger.info("listening on %s:%d (%s)", host, port, mode)
+
+        if self.config.admin_listen is not None:
+            try:
+                self._start_admin_server(self.config.admin_listen)
+            except ConfigError:
+                self.stop(0)
+                raise
+        self.reloader.reload()
+        if self.config.watch:
+            self.reloader.start_watching()
+
+    def _bind(self, server: grpc.Server, credentials: grpc.ServerCredentials | None) -> int:
         try:
             if credentials is None:
                 port = server.add_insecure_port(self.config.listen)
@@ -119,21 +152,7 @@ class ExtAuthzServer:
                               "with --listen") from None
         if port == 0:
             raise ConfigError(f"cannot listen on {self.config.listen}; choose a free HOST:PORT with --listen")
-        self.port = port
-        server.start()
-        self._server = server
-        host = self.config.listen.rsplit(":", 1)[0]
-        mode = "plaintext" if credentials is None else ("mTLS" if self.config.tls_client_ca else "TLS")
-        logger.info("listening on %s:%d (%s)", host, port, mode)
-        if self.config.admin_listen is not None:
-            try:
-                self._start_admin_server(self.config.admin_listen)
-            except ConfigError:
-                self.stop(0)
-                raise
-        self.reloader.reload()
-        if self.config.watch:
-            self.reloader.start_watching()
+        return port
 
     def _start_admin_server(self, listen: str) -> None:
         admin = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="admin"),

@@ -11,6 +11,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
@@ -135,25 +136,28 @@ def check_response(decision: Decision, decision_id: str = "") -> external_auth_p
         metadata["policy"] = decision.policy
         metadata["rule"] = str(decision.rule)
     response.dynamic_metadata.update(metadata)
+
     if decision.allowed:
         ok = response.ok_response
-        for name, value in decision.headers_to_set:
-            option = ok.headers.add()
-            option.header.key = name
-            option.header.value = value
-            option.append_action = _OVERWRITE
+        _set_headers(ok.headers, decision.headers_to_set)
         ok.headers_to_remove.extend(decision.headers_to_remove)
         ok.query_parameters_to_remove.extend(decision.query_parameters_to_remove)
         return response
+
     deny = response.denied_response
     deny.status.code = decision.http_status  # type: ignore[assignment]
     deny.body = decision.body
-    for name, value in decision.response_headers:
-        option = deny.headers.add()
+    _set_headers(deny.headers, decision.response_headers)
+    return response
+
+
+def _set_headers(options: Any, headers: tuple[tuple[str, str], ...]) -> None:
+    """Add each header as a HeaderValueOption that replaces any value the request already has."""
+    for name, value in headers:
+        option = options.add()
         option.header.key = name
         option.header.value = value
         option.append_action = _OVERWRITE
-    return response
 
 
 def _decision_id(request: external_auth_pb2.CheckRequest) -> str:

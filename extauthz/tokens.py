@@ -64,7 +64,7 @@ class TokenError(ExtAuthzError):
 
     @property
     def http_status(self) -> int:
-        # Envoy answers 403 only for an audience mismatch; every other failure is 401.
+        # Envoy returns 403 only for an audience mismatch; every other failure is 401.
         return 403 if self.reason == "jwt_audience_not_allowed" else 401
 
 

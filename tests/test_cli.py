@@ -79,15 +79,15 @@ def test_token_accepted_by_example_policies() -> None:
 
 def test_flags_read_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     # Only parsed: nothing listens on these addresses.
-    monkeypatch.setenv("EXTAUTHZ_LISTEN", "127.0.0.1:7000")
+    monkeypatch.setenv("EXTAUTHZ_LISTEN", "127.0.0.1:0")
     monkeypatch.setenv("EXTAUTHZ_WORKLOAD_LABEL", "app=httpbin,version=v1")
     monkeypatch.setenv("EXTAUTHZ_XFF_NUM_TRUSTED_HOPS", "2")
     args = build_parser().parse_args(["serve"])
-    assert args.listen == "127.0.0.1:7000"
+    assert args.listen == "127.0.0.1:0"
     assert dict(args.workload_label) == {"app": "httpbin", "version": "v1"}
     assert int(args.xff_num_trusted_hops) == 2
-    overridden = build_parser().parse_args(["serve", "--listen", "127.0.0.1:7001"])
-    assert overridden.listen == "127.0.0.1:7001"
+    overridden = build_parser().parse_args(["serve", "--listen", "[::1]:0"])
+    assert overridden.listen == "[::1]:0"
 
 
 def test_serve_rejects_bad_flag_value() -> None:

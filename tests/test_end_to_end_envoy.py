@@ -2,7 +2,7 @@
 and sends a Check for every request to a real extauthz process.
 
 The JWKS comes from a local HTTP server and the upstream echoes what Envoy forwarded,
-so each test sees both the client's response and the upstream request.
+so each test checks both the client's response and the upstream request.
 
 Policies of workload demo/app=httpbin:
 - RequestAuthentication: issuer https://issuer.test, the JWKS of `signing_key`, and

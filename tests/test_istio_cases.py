@@ -193,7 +193,8 @@ def assert_allowed(
 
     # AUDIT and dry-run results never change the decision; the service reports them in
     # the decision's dynamic metadata.
-    assert ("audited" in fields and fields["audited"].bool_value) == expected.get("audited", False), described
+    audited = "audited" in fields and fields["audited"].bool_value
+    assert audited == expected.get("audited", False), described
     shadow = [value.string_value for value in fields["dry_run"].list_value.values] if "dry_run" in fields else []
     assert shadow == expected.get("dry_run", []), described
 

@@ -67,7 +67,7 @@ def test_sigterm_drains_inflight_check(tmp_path: Path) -> None:
             channel.close()
 
     assert exit_code == 0, server.log_text()
-    assert len(responses) == 1  # the in-flight Check got its answer
+    assert len(responses) == 1  # the in-flight Check got its response
     assert responses[0].denied_response.body == "Jwks doesn't have key to match kid or alg from Jwt"
     assert statuses[0] == "SERVING"
     assert "NOT_SERVING" in statuses  # health flipped before the process exited

@@ -81,7 +81,7 @@ def compile_policy_files(contents: list[tuple[str, bytes]], revision: str | None
             result.problems.append(Problem(name, exc.line, exc.message))
             continue
         if not documents:
-            # An editor truncates a file before writing it; loading that moment would
+            # An editor truncates a file before writing it. Loading at that moment would
             # drop the file's policies, so an empty file is an error, not an empty set.
             result.problems.append(Problem(name, 1, "file has no YAML documents; delete the file to remove "
                                            "its policies"))

@@ -173,8 +173,8 @@ def inline_header_getter(name: str) -> Getter:
 def claim_getter(path: Sequence[str]) -> Getter:
     """Return the string values of a (nested) claim of the verified token.
 
-    A string claim gives one value (or its words for space-delimited claims such as
-    `scope`), a list gives its string elements; numbers, booleans and objects give none.
+    A string claim gives one value, or its words for space-delimited claims such as
+    `scope`. A list gives its string elements. Numbers, booleans and objects give none.
     """
     names = tuple(path)
 

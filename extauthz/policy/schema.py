@@ -196,6 +196,7 @@ def _compile_object(ctx: _Context, value: Any, line: int, path: str) -> None:
         for index, item in enumerate(items):
             _compile_object(ctx, item, _line(items, index, line), f"{path}items[{index}].")
         return
+
     api_version = value.get("apiVersion")
     if kind not in KINDS:
         ctx.error(_line(value, "kind", line), f"{path}kind",
@@ -210,6 +211,7 @@ def _compile_object(ctx: _Context, value: Any, line: int, path: str) -> None:
     ref = _compile_metadata(ctx, value, kind, line, path)
     if ref is None:
         return
+
     ctx.label = f"{kind}/{ref.namespace}/{ref.name}"
     spec = _mapping(ctx, value.get("spec"), "spec", _line(value, "spec", line),
                     _RA_FIELDS if kind == "RequestAuthentication" else _AP_FIELDS)
