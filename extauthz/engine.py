@@ -168,6 +168,8 @@ def extract_token(ctx: RequestContext, location: TokenLocation) -> str | None:
         match = _TOKEN.search(value, position + len(location.prefix))
         return match.group() if match else None
     if location.kind is LocationKind.QUERY:
+        if not ctx.query:
+            return None
         for name, value in parse_qsl(ctx.query, keep_blank_values=True):
             if name == location.name:
                 return value or None
@@ -286,8 +288,10 @@ class Authorizer:
                     set_headers.setdefault(claim_header.header, formatted)
         # Output headers a client sent are removed even without a token, so they cannot be
         # spoofed; the ones set here replace the client's value instead.
-        result.headers_to_remove.extend(sorted(policies.output_headers - set_headers.keys()))
-        result.headers_to_set = sorted(set_headers.items())
+        if policies.output_headers:
+            result.headers_to_remove.extend(sorted(policies.output_headers - set_headers.keys()))
+        if set_headers:
+            result.headers_to_set = sorted(set_headers.items())
         if verified:
             result.token = verified[0][2]
         return result
@@ -358,8 +362,8 @@ class Authorizer:
 
     def authorize(self, ctx: RequestContext, policies: WorkloadPolicies, authentication: Authentication,
                   revision: str, principal: str | None, trace: list[str] | None = None) -> Decision:
-        shadow = tuple(_shadow_results(ctx, policies.dry_run))
-        audited = any(policy.first_match(ctx) is not None for policy in policies.audit)
+        shadow = tuple(_shadow_results(ctx, policies.dry_run)) if policies.dry_run else ()
+        audited = bool(policies.audit) and any(policy.first_match(ctx) is not None for policy in policies.audit)
         if trace is not None:
             trace.extend(f"dry-run: {result}" for result in shadow)
             if audited:

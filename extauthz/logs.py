@@ -87,8 +87,7 @@ class DecisionLogWriter:
                                "logger": decision_logger.name, "pid": self._pid, **fields},
                               separators=(",", ":"), default=str)
         else:
-            message = " ".join(f"{key}={_text_value(value)}" for key, value in fields.items())
-            line = f"{self._stamp},{milliseconds:03d} INFO {decision_logger.name} [{self._pid}]: {message}"
+            line = f"{self._stamp},{milliseconds:03d} INFO {decision_logger.name} [{self._pid}]: {text_message(fields)}"
         with self._lock:
             self._lines.append(line)
             self._size += len(line)
@@ -139,11 +138,16 @@ def flush_decision_log() -> None:
 _NEEDS_QUOTES = re.compile(r'[\s"=\\]')
 
 
-def _text_value(value: object) -> str:
-    text = str(value)
-    if not text or _NEEDS_QUOTES.search(text):
-        return json.dumps(text)
-    return text
+def text_message(fields: dict[str, Any]) -> str:
+    """Format fields as `key=value` pairs, quoting a value that is empty or has spaces, quotes or `=`."""
+    # One loop without a helper call per value: this runs once per Check.
+    parts = []
+    for key, value in fields.items():
+        text = value if value.__class__ is str else str(value)
+        if not text or _NEEDS_QUOTES.search(text):
+            text = json.dumps(text)
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
 
 
 def decision_fields(decision: Decision, ctx: RequestContext | None, workload: Workload | None,
@@ -180,5 +184,4 @@ def log_decision(fields: dict[str, Any]) -> None:
     if _writer is not None:
         _writer.write(fields)
         return
-    message = " ".join(f"{key}={_text_value(value)}" for key, value in fields.items())
-    decision_logger.info(message, extra={"fields": fields})
+    decision_logger.info(text_message(fields), extra={"fields": fields})

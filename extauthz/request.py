@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,7 +57,7 @@ class RequestContext:
     query: str = ""
     host: str = ""
     scheme: str = "http"
-    headers: dict[str, str] = field(default_factory=dict)  # lower-case names, repeats joined with ","
+    headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names, repeats joined with ","
     source_principal: str | None = None  # without the spiffe:// scheme
     source_ip: IpAddress | None = None
     remote_ip: IpAddress | None = None

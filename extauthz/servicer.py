@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +39,7 @@ class CheckSettings:
     xff_num_trusted_hops: int = 0
 
 
-def _headers(http: external_auth_pb2.attribute__context__pb2.AttributeContext.HttpRequest) -> dict[str, str]:
+def _headers(http: external_auth_pb2.attribute__context__pb2.AttributeContext.HttpRequest) -> Mapping[str, str]:
     if http.header_map.headers:
         joined: dict[str, str] = {}
         for header in http.header_map.headers:
@@ -47,10 +48,15 @@ def _headers(http: external_auth_pb2.attribute__context__pb2.AttributeContext.Ht
             # Repeated headers are joined with "," before matching, as Envoy does.
             joined[name] = f"{joined[name]},{value}" if name in joined else value
         return joined
+    names = "".join(http.headers)
+    if names.islower():
+        # Envoy sends lower-case names, so the request's own map serves as it is: a
+        # copy costs more than the few look-ups a Check makes.
+        return http.headers
     return {name.lower(): value for name, value in http.headers.items()}
 
 
-def _remote_ip(headers: dict[str, str], hops: int) -> str | None:
+def _remote_ip(headers: Mapping[str, str], hops: int) -> str | None:
     forwarded = headers.get("x-forwarded-for")
     if not forwarded:
         return None
@@ -123,19 +129,21 @@ def check_response(decision: Decision, decision_id: str = "") -> external_auth_p
     """Build the CheckResponse for a decision."""
     response = external_auth_pb2.CheckResponse()
     response.status.code = decision.grpc_code
-    metadata: dict[str, object] = {"reason": decision.reason, "revision": decision.revision}
+    # Fields set one by one: Struct.update() costs a few microseconds more per Check.
+    metadata = response.dynamic_metadata.fields
+    metadata["reason"].string_value = decision.reason
+    metadata["revision"].string_value = decision.revision
     if decision_id:
-        metadata["decision_id"] = decision_id
+        metadata["decision_id"].string_value = decision_id
     if decision.audited:
-        metadata["audited"] = True
+        metadata["audited"].bool_value = True
     if decision.shadow:
-        metadata["dry_run"] = list(decision.shadow)
+        metadata["dry_run"].list_value.extend(decision.shadow)
     if decision.principal:
-        metadata["principal"] = decision.principal
+        metadata["principal"].string_value = decision.principal
     if decision.policy:
-        metadata["policy"] = decision.policy
-        metadata["rule"] = str(decision.rule)
-    response.dynamic_metadata.update(metadata)
+        metadata["policy"].string_value = decision.policy
+        metadata["rule"].string_value = str(decision.rule)
 
     if decision.allowed:
         ok = response.ok_response

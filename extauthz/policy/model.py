@@ -141,11 +141,11 @@ class Rule:
     conditions: tuple[FieldCheck, ...]
 
     def matches(self, ctx: RequestContext) -> bool:
-        if self.sources and not any(all(check(ctx) for check in source) for source in self.sources):
+        if self.sources and not _any_clause_matches(self.sources, ctx):
             return False
-        if self.operations and not any(all(check(ctx) for check in op) for op in self.operations):
+        if self.operations and not _any_clause_matches(self.operations, ctx):
             return False
-        return all(check(ctx) for check in self.conditions)
+        return _all_match(self.conditions, ctx)
 
     def mismatch(self, ctx: RequestContext) -> str | None:
         """Describe the first part of the rule that does not match, or None when it matches."""
@@ -157,6 +157,20 @@ class Rule:
             if not check(ctx):
                 return f"when[{index}]: {check.name} did not match"
         return None
+
+
+def _all_match(checks: tuple[FieldCheck, ...], ctx: RequestContext) -> bool:
+    for check in checks:
+        if not check(ctx):
+            return False
+    return True
+
+
+def _any_clause_matches(clauses: tuple[tuple[FieldCheck, ...], ...], ctx: RequestContext) -> bool:
+    for clause in clauses:
+        if _all_match(clause, ctx):
+            return True
+    return False
 
 
 def _first_failures(ctx: RequestContext, clauses: tuple[tuple[FieldCheck, ...], ...], kind: str) -> str:
