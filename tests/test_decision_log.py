@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import jwt
 import pytest
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
+from extauthz.decision import Decision, denied
+from extauthz.logs import decision_fields, decision_text, text_message
+from extauthz.request import RequestContext, Workload
 from tests.support.check_requests import build_check_request, send_check
 from tests.support.processes import ExtauthzProcess
 
@@ -68,3 +72,32 @@ def test_secrets_never_logged(tmp_path: Path, log_format: str) -> None:
     else:
         assert "decision_id=req-123" in decision_lines[0]
         assert "path=/anything " in decision_lines[0]
+
+
+WORKLOAD = Workload.of("demo", {"app": "httpbin", "version": "v1"})
+ALLOWED = Decision(True, "allowed_by_policy", 0, 200, principal="https://issuer.example/alice",
+                   policy="demo/readers", rule=1, revision="0123456789ab")
+
+
+@pytest.mark.parametrize(("decision", "ctx", "workload", "decision_id"), [
+    pytest.param(ALLOWED, RequestContext(method="GET", host="httpbin.demo", path="/get"), WORKLOAD, "req-1",
+                 id="allow"),
+    pytest.param(denied("no_allow_policy_matched", revision="0123456789ab"),
+                 RequestContext(method="POST", host="httpbin.demo", path="/post"), Workload.of("demo"), "req-2",
+                 id="deny-without-labels"),
+    pytest.param(replace(ALLOWED, audited=True), RequestContext(host="h", path="/audited"), WORKLOAD, "req-3",
+                 id="audited"),
+    pytest.param(ALLOWED, RequestContext(method="GET", host="h", path="/a b"), WORKLOAD, "req-3",
+                 id="path-with-space"),
+    pytest.param(replace(ALLOWED, principal='iss/"quoted" sub'), RequestContext(host="h"), WORKLOAD, "req-4",
+                 id="principal-with-quotes"),
+    pytest.param(replace(ALLOWED, shadow=("denied by ns[demo]-policy[p]-rule[0]",)), RequestContext(host="h"),
+                 WORKLOAD, "req-5", id="dry-run"),
+    pytest.param(ALLOWED, RequestContext(host=""), WORKLOAD, "req-6", id="empty-host"),
+    pytest.param(denied("policies_not_loaded"), RequestContext(host="h"), WORKLOAD, "req-7", id="no-revision"),
+    pytest.param(denied("workload_unknown"), None, None, "req-8", id="no-workload"),
+])
+def test_text_line_matches_fields(decision: Decision, ctx: RequestContext | None,
+                                  workload: Workload | None, decision_id: str) -> None:
+    assert decision_text(decision, ctx, workload, decision_id, 0.000123) == text_message(
+        decision_fields(decision, ctx, workload, decision_id, 0.000123))
