@@ -19,6 +19,7 @@ from extauthz.admin.v1 import admin_pb2_grpc
 from extauthz.config import ServeConfig
 from extauthz.engine import Authorizer
 from extauthz.errors import ConfigError
+from extauthz.executor import HandlerExecutor
 from extauthz.jwks import HttpFetcher, JwksCache
 from extauthz.logs import flush_decision_log
 from extauthz.reload import PolicyReloader
@@ -74,6 +75,7 @@ class ExtAuthzServer:
         self.servicer = AuthorizationServicer(self.authorizer, CheckSettings(
             config.workload_namespace, dict(config.workload_labels), config.xff_num_trusted_hops))
         self._server: grpc.Server | None = None
+        self._executor: HandlerExecutor | None = None
         self._metrics: metrics.MetricsServer | None = None
         self._admin: grpc.Server | None = None
         self.port = 0
@@ -95,8 +97,9 @@ class ExtAuthzServer:
                                   "choose a free HOST:PORT with --metrics-listen") from None
             self._metrics.start()
 
+        self._executor = HandlerExecutor(self.config.threads, "check")
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=self.config.threads, thread_name_prefix="check"),
+            self._executor,  # type: ignore[arg-type]
             options=[
                 # Without worker processes, a second server on the same port must fail
                 # instead of silently sharing it, as grpcio does by default on Linux.
@@ -118,6 +121,8 @@ class ExtAuthzServer:
             if self._metrics is not None:  # nothing else started yet
                 self._metrics.stop()
                 self._metrics = None
+            self._executor.shutdown(wait=False)
+            self._executor = None
             raise
         self.port = port
         server.start()
@@ -200,6 +205,9 @@ class ExtAuthzServer:
             # instead of waiting out the whole grace period.
             server.stop(0)
             stopped.wait()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
         if self._admin is not None:
             self._admin.stop(0).wait()
             self._admin = None
