@@ -76,11 +76,22 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
+def _float(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _non_negative_float(text: str) -> float:
+    value = _float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative; give 0 or more")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text} must be greater than 0")
     return value
@@ -127,6 +138,10 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     flag("max-concurrent-streams", config.DEFAULT_MAX_CONCURRENT_STREAMS,
          "HTTP/2 streams per connection; a low limit makes Envoy open more connections, which "
          "SO_REUSEPORT spreads over the workers", type=_non_negative_int)
+    flag("max-connection-age", config.DEFAULT_MAX_CONNECTION_AGE_S,
+         "seconds after which a client connection gets HTTP/2 GOAWAY (in-flight Checks finish) and the "
+         "client reconnects, so SO_REUSEPORT hashes it to a worker again and load evens out; 0 turns it off",
+         type=_non_negative_float)
     flag("grace-period", config.DEFAULT_GRACE_PERIOD_S, "seconds in-flight Checks get to finish on shutdown",
          type=_positive_float)
     flag("shutdown-delay", 0.0, "seconds to keep accepting Checks after health turns NOT_SERVING on "
@@ -221,6 +236,7 @@ def serve(args: argparse.Namespace) -> int:
         jwks_max_bytes=int(args.jwks_max_bytes),
         jwks_fetch_timeout_s=float(args.jwks_fetch_timeout),
         max_concurrent_streams=max(1, int(args.max_concurrent_streams)),
+        max_connection_age_s=float(args.max_connection_age),
         pin_workers=bool(args.pin_workers),
         metrics_listen=args.metrics_listen or None,
         admin_listen=args.admin_listen or None,

@@ -15,6 +15,7 @@ DEFAULT_ROOT_NAMESPACE = "istio-system"
 DEFAULT_THREADS = 8
 DEFAULT_GRACE_PERIOD_S = 10.0
 DEFAULT_MAX_CONCURRENT_STREAMS = 32
+DEFAULT_MAX_CONNECTION_AGE_S = 30.0
 DEFAULT_REFRESH_INTERVAL_S = 600.0
 DEFAULT_KID_COOLDOWN_S = 30.0
 DEFAULT_KID_REFRESH_WAIT_S = 0.1
@@ -40,6 +41,7 @@ class ServeConfig:
     reuse_port: bool = False  # set for worker processes that share one port
     pin_workers: bool = False
     max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS
+    max_connection_age_s: float = DEFAULT_MAX_CONNECTION_AGE_S  # 0: connections are never recycled
     metrics_listen: str | None = None
     admin_listen: str | None = None  # None: the Admin service shares the main listener
     tls_cert: Path | None = None

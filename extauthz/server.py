@@ -30,6 +30,16 @@ logger = logging.getLogger("extauthz.server")
 AUTHORIZATION_SERVICE = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
 HEALTH_SERVICES = ("", AUTHORIZATION_SERVICE)
 DRAIN_POLL_S = 0.02
+# After a connection reached its maximum age, its in-flight calls get this long to finish.
+CONNECTION_AGE_GRACE_S = 5.0
+
+
+def _connection_age_options(age_s: float) -> list[tuple[str, int]]:
+    """Return the grpcio options that recycle client connections after `age_s` seconds (none for 0)."""
+    if age_s <= 0:
+        return []
+    return [("grpc.max_connection_age_ms", max(1, round(age_s * 1000))),
+            ("grpc.max_connection_age_grace_ms", round(CONNECTION_AGE_GRACE_S * 1000))]
 
 
 def _read_pem(path: Path, flag: str) -> bytes:
@@ -105,6 +115,7 @@ class ExtAuthzServer:
                 # instead of silently sharing it, as grpcio does by default on Linux.
                 ("grpc.so_reuseport", 1 if self.config.reuse_port else 0),
                 ("grpc.max_concurrent_streams", self.config.max_concurrent_streams),
+                *_connection_age_options(self.config.max_connection_age_s),
             ],
         )
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(self.servicer, server)

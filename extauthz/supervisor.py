@@ -4,7 +4,9 @@ grpcio serves Python code on one core at a time per process, so using more cores
 more processes. They bind the same port with SO_REUSEPORT, and the kernel spreads new
 connections over them. Connections, not requests, are spread: Envoy keeps few HTTP/2
 connections, which is why the server limits concurrent streams per connection
-(`--max-concurrent-streams`) so that Envoy opens more connections under load.
+(`--max-concurrent-streams`) so that Envoy opens more connections under load, and
+recycles connections after `--max-connection-age`, so that each is hashed to a worker
+again.
 """
 
 from __future__ import annotations

@@ -82,10 +82,12 @@ def test_flags_read_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EXTAUTHZ_LISTEN", "127.0.0.1:0")
     monkeypatch.setenv("EXTAUTHZ_WORKLOAD_LABEL", "app=httpbin,version=v1")
     monkeypatch.setenv("EXTAUTHZ_XFF_NUM_TRUSTED_HOPS", "2")
+    monkeypatch.setenv("EXTAUTHZ_MAX_CONNECTION_AGE", "0.5")
     args = build_parser().parse_args(["serve"])
     assert args.listen == "127.0.0.1:0"
     assert dict(args.workload_label) == {"app": "httpbin", "version": "v1"}
     assert int(args.xff_num_trusted_hops) == 2
+    assert float(args.max_connection_age) == 0.5
     overridden = build_parser().parse_args(["serve", "--listen", "[::1]:0"])
     assert overridden.listen == "[::1]:0"
 
@@ -102,6 +104,8 @@ def test_serve_rejects_bad_flag_value() -> None:
         (["serve", "--listen", "localhost"], {}, "invalid address 'localhost': write HOST:PORT"),
         (["serve"], {"EXTAUTHZ_LOG_LEVEL": "verbose"}, "invalid value 'verbose': choose one of DEBUG, INFO"),
         (["serve"], {"EXTAUTHZ_LOG_FORMAT": "yaml"}, "invalid value 'yaml': choose one of text, json"),
+        (["serve", "--max-connection-age", "-1"], {}, "-1 is negative; give 0 or more"),
+        (["serve"], {"EXTAUTHZ_MAX_CONNECTION_AGE": "soon"}, "'soon' is not a number"),
     ],
 )
 def test_serve_rejects_invalid_values(args: list[str], env: dict[str, str], message: str) -> None:
