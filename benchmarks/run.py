@@ -37,6 +37,7 @@ from benchmarks.loadgen import BenchmarkError, CommandLog
 from benchmarks.measure import allowed_cpus, cpu_model, load_average, tool_version
 from benchmarks.report import table
 from benchmarks.scenario import HOST, METHOD, PATH, policy_yaml, serve_flags, start_scenario
+from extauthz.config import GRPC_EXPERIMENTS
 from tests.support.processes import REPO_ROOT, find_tool
 
 SECTIONS: dict[str, ModuleType] = {"1": direct, "2": through_envoy, "3": engine_alone, "4": scaling,
@@ -75,6 +76,13 @@ def extauthz_revision() -> str:
     return f"{commit} with uncommitted changes in extauthz/" if changed else commit
 
 
+def _grpc_experiments() -> str:
+    value = os.environ.get("GRPC_EXPERIMENTS")
+    if value is None:
+        return f"`{GRPC_EXPERIMENTS}` (set by `serve`, the benchmark's environment has none)"
+    return f"`{value}` (from the benchmark's environment)" if value else "empty: grpc's defaults"
+
+
 def machine_section(envoy_path: str, cpus: CpuSplit, usable_cpus: list[int], load_before: str) -> str:
     envoy_version = tool_version([envoy_path, "--version"]).removeprefix(envoy_path).strip()
     rows = [
@@ -83,6 +91,7 @@ def machine_section(envoy_path: str, cpus: CpuSplit, usable_cpus: list[int], loa
         ["extauthz", extauthz_revision()],
         ["Python", platform.python_version()],
         ["grpcio", grpc.__version__],
+        ["`GRPC_EXPERIMENTS` of `extauthz serve`", _grpc_experiments()],
         ["protobuf", google.protobuf.__version__],
         ["cryptography / PyJWT", f"{cryptography.__version__} / {jwt.__version__}"],
         ["Envoy (`envoy --version`)", envoy_version],

@@ -1,6 +1,7 @@
-"""Section 2: wrk through one Envoy with three listeners (no auth, Envoy's own filters, ext_authz).
+"""Section 2: wrk through one Envoy with four listeners (no auth, Envoy's own filters with and without
+a verified-token cache, ext_authz).
 
-All three listeners respond with `direct_response`, so no upstream server adds its cost.
+All listeners respond with `direct_response`, so no upstream server adds its cost.
 They reuse the HTTP connection manager, the ext_authz filter, its per-route settings and
 the `extauthz` cluster of deploy/envoy/envoy.yaml, the configuration users copy. The
 `native` listener enforces the same policies with `envoy.filters.http.jwt_authn` and
@@ -43,7 +44,7 @@ from tests.support.keys import sign_token, standard_claims
 HTTP_CONNECTION_MANAGER = "envoy.filters.network.http_connection_manager"
 ROUTER_FILTER = "envoy.filters.http.router"
 JWT_AUTHN_FILTER = "envoy.filters.http.jwt_authn"
-VARIANTS = ("passthrough", "native", "ext_authz")
+VARIANTS = ("passthrough", "native", "native_no_cache", "ext_authz")
 THROUGHPUT_CONNECTIONS = 8
 JWT_PROVIDER = "bench"
 # Warnings that every Envoy of this benchmark logs, unrelated to the product.
@@ -59,14 +60,14 @@ def _direct_response_route() -> dict[str, Any]:
     return {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}}
 
 
-def _native_filters(jwks_url: str) -> list[dict[str, Any]]:
+def _native_filters(jwks_url: str, token_cache: bool = True) -> list[dict[str, Any]]:
     """Return jwt_authn and RBAC filters equivalent to the scenario's two policies.
 
     A RequestAuthentication lets a request without a token pass, so jwt_authn has
     `allow_missing`, and RBAC then requires the principal. `requestPrincipals: ["ISSUER/*"]`
-    becomes `iss` equal to the issuer plus a present `sub`. The verified-token cache is on
-    (`jwt_cache_config`), because extauthz also caches verified tokens and the benchmark
-    repeats one token.
+    becomes `iss` equal to the issuer plus a present `sub`. With `token_cache`, the
+    verified-token cache is on (`jwt_cache_config`), because extauthz also caches verified
+    tokens and the benchmark repeats one token. Without the field, Envoy verifies every token.
     """
     def claim(name: str, value: dict[str, Any]) -> dict[str, Any]:
         # sourced_metadata replaces Principal.metadata, which Envoy 1.40 logs as deprecated.
@@ -87,7 +88,7 @@ def _native_filters(jwks_url: str) -> list[dict[str, Any]]:
             "from_headers": [{"name": "authorization", "value_prefix": "Bearer "}],
             "forward": False,
             "payload_in_metadata": "jwt_payload",
-            "jwt_cache_config": {"jwt_cache_size": 100},
+            **({"jwt_cache_config": {"jwt_cache_size": 100}} if token_cache else {}),
         }},
         "rules": [{"match": {"prefix": "/"}, "requires": {"requires_any": {"requirements": [
             {"provider_name": JWT_PROVIDER}, {"allow_missing": {}}]}}}],
@@ -111,7 +112,7 @@ def _native_filters(jwks_url: str) -> list[dict[str, Any]]:
 
 
 def envoy_bootstrap(extauthz_port: int, jwks_port: int, jwks_url: str) -> str:
-    """Return bootstrap YAML with the listeners `passthrough`, `native` and `ext_authz` on 127.0.0.1, port 0."""
+    """Return bootstrap YAML with a listener per variant (VARIANTS) on 127.0.0.1, port 0."""
     deploy = load_deploy_bootstrap()
     ingress = _find_named(deploy["static_resources"]["listeners"], "ingress", "listener")
     manager_template = _http_connection_manager(ingress)
@@ -150,6 +151,7 @@ def envoy_bootstrap(extauthz_port: int, jwks_port: int, jwks_url: str) -> str:
             "listeners": [
                 listener("passthrough", [], _direct_response_route()),
                 listener("native", _native_filters(jwks_url), _direct_response_route()),
+                listener("native_no_cache", _native_filters(jwks_url, token_cache=False), _direct_response_route()),
                 listener("ext_authz", [ext_authz_filter], ext_authz_route),
             ],
             "clusters": [extauthz_cluster, jwks_cluster],
@@ -188,7 +190,7 @@ def _verify_variants(ctx: BenchContext, urls: dict[str, str]) -> list[str]:
             if status != expected:
                 raise BenchmarkError(f"Envoy variant {variant}: {label} got HTTP {status}, expected {expected}; "
                                      "the variants do not enforce the same policy, so the run is invalid")
-        checked.append(f"{label}: passthrough {passthrough_status}, native and ext_authz {policy_status}")
+        checked.append(f"{label}: passthrough {passthrough_status}, the others {policy_status}")
     return checked
 
 
@@ -210,7 +212,8 @@ def run(ctx: BenchContext) -> Section:
         ports = envoy.listener_ports()
         urls = {variant: f"http://127.0.0.1:{ports[variant]}{PATH}" for variant in VARIANTS}
         checks = _verify_variants(ctx, urls)
-        pids = {"passthrough": [envoy.pid], "native": [envoy.pid], "ext_authz": [envoy.pid, extauthz.pid]}
+        pids = {variant: [envoy.pid] for variant in VARIANTS}
+        pids["ext_authz"] = [envoy.pid, extauthz.pid]
 
         def measure(variant: str, connections: int, duration_s: int) -> WrkResult:
             args = wrk_command(url=urls[variant], token=scenario.token, connections=connections,
@@ -268,13 +271,15 @@ def _render(ctx: BenchContext, results: dict[str, VariantResults], checks: list[
         return [r.p50_ms * 1000 for r in results[variant].one_connection]
 
     return "\n".join([
-        f"One Envoy (`--concurrency 1`) on CPU {ctx.cpus.server} has three listeners that respond with "
+        f"One Envoy (`--concurrency 1`) on CPU {ctx.cpus.server} has four listeners that respond with "
         "`direct_response` 200:",
         "",
         "- `passthrough`: no auth filter.",
         "- `native`: the same policies in Envoy's own filters. `jwt_authn` fetches the keys from the same local "
         "JWKS server, with `forward: false` and a verified-token cache of 100 entries. `rbac` requires the "
         "issuer, a subject, the method, the path prefix `/api/` and the `groups` claim.",
+        "- `native_no_cache`: `native` without `jwt_cache_config`, so Envoy verifies the signature of every "
+        "token (Envoy enables the cache only when the field is set).",
         "- `ext_authz`: the ext_authz filter and per-route settings of `deploy/envoy/envoy.yaml`, calling one "
         f"`extauthz serve` process that also runs on CPU {ctx.cpus.server}.",
         "",
@@ -294,7 +299,8 @@ def _render(ctx: BenchContext, results: dict[str, VariantResults], checks: list[
         "100 % the variant did not saturate its CPU, so its req/s is limited by wrk on the other CPU, and "
         "the CPU time per request is the better measure of its cost.",
         "",
-        f"- req/s of `ext_authz` over `native`: **{paired_ratios(rate('ext_authz'), rate('native')).format(2)}**",
+        f"- req/s of `ext_authz` over `native`: **{paired_ratios(rate('ext_authz'), rate('native')).format(2)}**; "
+        f"over `native_no_cache`: **{paired_ratios(rate('ext_authz'), rate('native_no_cache')).format(2)}**",
         f"- req/s of `ext_authz` over `passthrough`: "
         f"**{paired_ratios(rate('ext_authz'), rate('passthrough')).format(2)}**",
         f"- req/s of `native` over `passthrough`: {paired_ratios(rate('native'), rate('passthrough')).format(2)}",
@@ -302,7 +308,9 @@ def _render(ctx: BenchContext, results: dict[str, VariantResults], checks: list[
         f"**{paired_ratios(server_cpu('ext_authz'), server_cpu('native')).format(1)}×**; "
         f"`ext_authz` over `passthrough`: "
         f"{paired_ratios(server_cpu('ext_authz'), server_cpu('passthrough')).format(1)}×; "
-        f"`native` over `passthrough`: {paired_ratios(server_cpu('native'), server_cpu('passthrough')).format(2)}×",
+        f"`native` over `passthrough`: {paired_ratios(server_cpu('native'), server_cpu('passthrough')).format(2)}×; "
+        f"`ext_authz` over `native_no_cache`: "
+        f"{paired_ratios(server_cpu('ext_authz'), server_cpu('native_no_cache')).format(1)}×",
         f"- p50 added at one connection by `ext_authz` over `passthrough`: "
         f"**{paired_differences(single_p50('ext_authz'), single_p50('passthrough')).format()} µs**; "
         f"by `native`: {paired_differences(single_p50('native'), single_p50('passthrough')).format()} µs",

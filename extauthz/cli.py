@@ -244,6 +244,9 @@ def serve(args: argparse.Namespace) -> int:
         tls_key=Path(args.tls_key) if args.tls_key else None,
         tls_client_ca=Path(args.tls_client_ca) if args.tls_client_ca else None,
     )
+    # Set before grpcio is imported in this process or its workers. A value the user set,
+    # even an empty one, is kept.
+    os.environ.setdefault("GRPC_EXPERIMENTS", config.GRPC_EXPERIMENTS)
     workers = _worker_count(args.workers, serve_config.listen)
     if workers > 1:
         return _serve_workers(serve_config, workers)

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from extauthz.config import GRPC_EXPERIMENTS
 from tests.support.check_requests import build_check_request, send_check
 from tests.support.processes import grpc_health_status
 
@@ -30,6 +31,11 @@ def cpus_allowed(pid: str) -> str:
     raise AssertionError(f"no Cpus_allowed_list for pid {pid}")
 
 
+def process_environment(pid: str) -> dict[str, str]:
+    entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(entry.decode().split("=", 1) for entry in entries if b"=" in entry)
+
+
 def test_two_workers_share_port_and_stop(tmp_path: Path) -> None:
     port = free_port()
     log = tmp_path / "serve.log"
@@ -38,7 +44,8 @@ def test_two_workers_share_port_and_stop(tmp_path: Path) -> None:
             [sys.executable, "-m", "extauthz", "serve", "--policies", str(REPO / "policies"),
              "--listen", f"127.0.0.1:{port}", "--workers", "2", "--pin-workers", "--workload-namespace", "demo",
              "--workload-label", "app=httpbin"],
-            stdout=output, stderr=subprocess.STDOUT, cwd=REPO)
+            stdout=output, stderr=subprocess.STDOUT, cwd=REPO,
+            env={name: value for name, value in os.environ.items() if name != "GRPC_EXPERIMENTS"})
     try:
         deadline = time.monotonic() + 30
         while len(re.findall(r"\[(\d+)\]: listening on", log.read_text())) < 2 and time.monotonic() < deadline:
@@ -55,6 +62,8 @@ def test_two_workers_share_port_and_stop(tmp_path: Path) -> None:
         available = sorted(os.sched_getaffinity(0))
         pinned = sorted(cpus_allowed(pid) for pid, _ in pids)
         assert pinned == sorted(str(available[i % len(available)]) for i in range(2))
+        for pid, _ in pids:  # serve chose grpc's transport before any worker started
+            assert process_environment(pid).get("GRPC_EXPERIMENTS") == GRPC_EXPERIMENTS
 
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
