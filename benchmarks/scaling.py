@@ -34,6 +34,7 @@ LISTENING_LINE = re.compile(r"listening on \S+:\d+")
 DECISION_LINE = re.compile(r" \[(\d+)\]: decision_id=")
 DECISION_LOG_WAIT_S = 5.0
 DECISION_LOG_FLUSH_S = 0.5  # longer than the 0.2 s between a worker's decision log writes
+CONNECTION_SAMPLE_S = 0.5
 SHARE_LOW = 40  # per cent of the Checks that each of two workers should decide
 SHARE_HIGH = 60
 
@@ -167,10 +168,10 @@ def run(ctx: BenchContext) -> Section:
                                   body_file=server.call.body_file, requests=requests, clients=shape.clients,
                                   streams=shape.streams, log_file=log_file, cpu_list=ctx.cpus.client)
             ctx.commands.add(args)
-            # h2load keeps its connections for the whole run, so a look a third of the way
-            # in shows how SO_REUSEPORT spread them over the workers.
+            # An h2load client closes its connection once it sent its share of the requests,
+            # so the connections are sampled early, before the first client is done.
             sample: dict[int, int] = {}
-            timer = threading.Timer(expected_s / 3, lambda: sample.update(
+            timer = threading.Timer(min(CONNECTION_SAMPLE_S, expected_s / 3), lambda: sample.update(
                 accepted_connections(server.worker_pids, server.port)))
             time.sleep(DECISION_LOG_FLUSH_S)  # lines of earlier Checks reach the log first
             log_offset = len(server.process.log_text())
@@ -285,9 +286,10 @@ def _render(ctx: BenchContext, servers: list[Server]) -> str:
         f"round checks that there is one line per Check). \"rounds in {SHARE_LOW}–{SHARE_HIGH} %\" counts the "
         "rounds in which that worker decided between "
         f"{SHARE_LOW} % and {SHARE_HIGH} % of the Checks. The CPU share is each worker's part of the workers' "
-        "CPU time, and the connections are those of h2load's clients that each worker had accepted a third of "
-        "the way into each round. SO_REUSEPORT gives each new connection to a worker by a hash of its "
-        "addresses and ports, so the Checks follow the connections, not the load:",
+        "CPU time, and the connections are those of h2load's clients that each worker had accepted "
+        f"{CONNECTION_SAMPLE_S} s into each round. SO_REUSEPORT gives each new connection to a worker by a hash "
+        "of its addresses and ports, and h2load sends the same number of requests over each of its connections, "
+        "so a worker's share of the Checks is its share of the connections:",
         "",
         table(["server", "h2load", "worker", "Check share", "Check share per round (%)",
                f"rounds in {SHARE_LOW}–{SHARE_HIGH} %", "CPU share", "connections per round"], share_rows),
