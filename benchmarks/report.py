@@ -6,9 +6,10 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-# Log lines that point to a product problem: the logging levels extauthz and Envoy use for
-# errors and warnings, and Python tracebacks.
-PROBLEM_LINE = re.compile(r"\b(ERROR|WARNING|CRITICAL)\b|\[(error|warning|critical)\]|Traceback")
+# Log lines that point to a product problem: the error and warning levels of extauthz and
+# Envoy, grpc core's lines that start with E, W or F and the date (as "E1204 12:00:00.000000"),
+# and Python tracebacks.
+PROBLEM_LINE = re.compile(r"\b(ERROR|WARNING|CRITICAL)\b|\[(error|warning|critical)\]|Traceback|^[EWF]\d{4} \d")
 MAX_REPORTED_LINES = 5
 
 
