@@ -40,7 +40,7 @@ proto: install  ## compile protos/ again (the install does it too)
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
 
 .PHONY: bench
-bench: install  ## run the benchmarks and write docs/performance.md (about 8 minutes; QUICK=1: about 2)
+bench: install  ## run the benchmarks and write docs/performance.md (about 11 minutes; QUICK=1: about 4)
 	@command -v h2load >/dev/null && command -v wrk >/dev/null || \
 		{ apt-get update && apt-get install -y nghttp2-client wrk; }
 	$(BIN)/python -m benchmarks.run $(if $(QUICK),--quick)

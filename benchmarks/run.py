@@ -47,8 +47,8 @@ REQUIRED_TOOLS = {"h2load": "nghttp2-client", "wrk": "wrk", "taskset": "util-lin
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="benchmarks.run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="3 short rounds per measurement, about 2 minutes "
-                        "in total instead of about 8")
+    parser.add_argument("--quick", action="store_true", help="3 short rounds per measurement, about 4 minutes "
+                        "in total instead of about 11")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help="comma-separated sections to run (default: %(default)s)")
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "docs" / "performance.md",
@@ -129,7 +129,7 @@ def scenario_section() -> str:
 def render(profile: Profile, started: datetime.datetime, elapsed_s: float, machine: str,
            sections: list[Section], commands: CommandLog) -> str:
     findings = [finding for section in sections for finding in section.findings]
-    command = "make bench QUICK=1" if profile is QUICK_PROFILE else "make bench"
+    command = " ".join(["python -m benchmarks.run", *sys.argv[1:]])  # what `make bench` runs, with its arguments
     parts = [
         "# Performance",
         "",

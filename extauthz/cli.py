@@ -76,11 +76,20 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+# The largest number of milliseconds grpc takes (a 32-bit int), about 24.8 days. Every
+# duration flag has this bound, so no value overflows a timer.
+MAX_SECONDS = 2_147_483
+
+
 def _float(text: str) -> float:
+    """Parse a duration in seconds: a finite number up to MAX_SECONDS."""
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"{text} is out of range; give at most {MAX_SECONDS} seconds")
+    return value
 
 
 def _non_negative_float(text: str) -> float:
@@ -139,13 +148,14 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
          "HTTP/2 streams per connection; a low limit makes Envoy open more connections, which "
          "SO_REUSEPORT spreads over the workers", type=_non_negative_int)
     flag("max-connection-age", config.DEFAULT_MAX_CONNECTION_AGE_S,
-         "seconds after which a client connection gets HTTP/2 GOAWAY (in-flight Checks finish) and the "
-         "client reconnects, so SO_REUSEPORT hashes it to a worker again and load evens out; 0 turns it off",
+         "seconds after which a client connection gets HTTP/2 GOAWAY and the client reconnects, so "
+         "SO_REUSEPORT hashes it to a worker again and load evens out; calls in flight, a health Watch "
+         "too, get 5 more seconds; 0 turns it off",
          type=_non_negative_float)
     flag("grace-period", config.DEFAULT_GRACE_PERIOD_S, "seconds in-flight Checks get to finish on shutdown",
          type=_positive_float)
     flag("shutdown-delay", 0.0, "seconds to keep accepting Checks after health turns NOT_SERVING on "
-         "shutdown, so load balancers and Kubernetes endpoints stop sending first", type=float)
+         "shutdown, so load balancers and Kubernetes endpoints stop sending first", type=_non_negative_float)
     flag("startup-timeout", config.DEFAULT_STARTUP_TIMEOUT_S,
          "seconds to wait for the first fetch of every jwksUri before serving", type=_positive_float)
     flag("jwks-refresh-interval", config.DEFAULT_REFRESH_INTERVAL_S,
@@ -153,7 +163,7 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     flag("jwks-kid-cooldown", config.DEFAULT_KID_COOLDOWN_S,
          "minimum seconds between refetches caused by tokens with an unknown kid", type=_positive_float)
     flag("jwks-kid-refresh-wait", config.DEFAULT_KID_REFRESH_WAIT_S,
-         "seconds a Check waits for a refetch its unknown kid caused", type=float)
+         "seconds a Check waits for a refetch its unknown kid caused", type=_non_negative_float)
     flag("jwks-fetch-timeout", config.DEFAULT_FETCH_TIMEOUT_S,
          "seconds a JWKS or OpenID fetch may take when the rule sets no timeout", type=_positive_float)
     flag("jwks-max-bytes", config.DEFAULT_MAX_JWKS_BYTES, "largest JWKS or OpenID document accepted",

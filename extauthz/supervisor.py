@@ -28,6 +28,10 @@ from extauthz.config import ServeConfig
 logger = logging.getLogger("extauthz.supervisor")
 
 RESTART_DELAY_S = 1.0
+# A worker that exits MAX_EARLY_EXITS times in a row, each within STABLE_AFTER_S of its
+# start, stops the server instead of being restarted forever.
+STABLE_AFTER_S = 10.0
+MAX_EARLY_EXITS = 5
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 MONITOR_INTERVAL_S = 0.5
 
@@ -124,6 +128,9 @@ class Supervisor:
 
     def _run_workers(self) -> int:
         self._processes = [self._spawn(index) for index in range(self.workers)]
+        started = [time.monotonic()] * self.workers
+        early_exits = [0] * self.workers  # consecutive exits soon after a start, per worker
+        crash_loop = False
         while not self._stop.wait(MONITOR_INTERVAL_S):
             for index, process in enumerate(self._processes):
                 if process.is_alive():
@@ -132,11 +139,23 @@ class Supervisor:
                     logger.error("worker pid %d could not start; stopping", process.pid)
                     self._stop.set()
                     break
+                early = time.monotonic() - started[index] < STABLE_AFTER_S
+                early_exits[index] = early_exits[index] + 1 if early else 0
+                if early_exits[index] >= MAX_EARLY_EXITS:
+                    logger.error("worker pid %d exited with code %s, the %dth time within %.0f s of its start; "
+                                 "stopping all workers, see the errors above", process.pid, process.exitcode,
+                                 early_exits[index], STABLE_AFTER_S)
+                    crash_loop = True
+                    self._stop.set()
+                    break
                 logger.error("worker pid %d exited with code %s; restarting it", process.pid, process.exitcode)
                 _forget(process)
-                time.sleep(RESTART_DELAY_S)
+                if self._stop.wait(RESTART_DELAY_S):  # a signal during the delay starts no new worker
+                    break
                 self._processes[index] = self._spawn(index)
-        return self._shutdown()
+                started[index] = time.monotonic()
+        code = self._shutdown()
+        return 1 if crash_loop and code == 0 else code
 
     def _shutdown(self) -> int:
         for process in self._processes:

@@ -106,6 +106,10 @@ def test_serve_rejects_bad_flag_value() -> None:
         (["serve"], {"EXTAUTHZ_LOG_FORMAT": "yaml"}, "invalid value 'yaml': choose one of text, json"),
         (["serve", "--max-connection-age", "-1"], {}, "-1 is negative; give 0 or more"),
         (["serve"], {"EXTAUTHZ_MAX_CONNECTION_AGE": "soon"}, "'soon' is not a number"),
+        (["serve", "--max-connection-age", "nan"], {}, "nan is out of range; give at most 2147483 seconds"),
+        (["serve", "--max-connection-age", "1e7"], {}, "1e7 is out of range; give at most 2147483 seconds"),
+        (["serve", "--grace-period", "inf"], {}, "inf is out of range"),
+        (["serve", "--shutdown-delay", "-2"], {}, "-2 is negative; give 0 or more"),
     ],
 )
 def test_serve_rejects_invalid_values(args: list[str], env: dict[str, str], message: str) -> None:

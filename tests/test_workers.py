@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import signal
@@ -11,7 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-from extauthz.config import GRPC_EXPERIMENTS
+import pytest
+
+from extauthz import supervisor
+from extauthz.config import GRPC_EXPERIMENTS, ServeConfig
+from extauthz.supervisor import Supervisor
 from tests.support.check_requests import build_check_request, send_check
 from tests.support.processes import grpc_health_status
 
@@ -73,3 +78,17 @@ def test_two_workers_share_port_and_stop(tmp_path: Path) -> None:
         if process.poll() is None:
             process.kill()
             process.wait(timeout=10)
+
+
+def test_crash_looping_worker_stops_server(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # Built directly, the config carries a NaN connection age that the flag parser would
+    # reject, so each worker raises while it starts.
+    monkeypatch.setattr(supervisor, "RESTART_DELAY_S", 0.1)
+    config = ServeConfig(policies=REPO / "policies", listen=f"127.0.0.1:{free_port()}",
+                         max_connection_age_s=math.nan, grace_period_s=1.0, reuse_port=True)
+
+    code = Supervisor(config, 1).run()
+
+    assert code == 1
+    assert "the 5th time within 10 s of its start; stopping all workers" in caplog.text
+    assert caplog.text.count("restarting it") == 4
