@@ -191,3 +191,22 @@ def tool_version(args: Sequence[str]) -> str:
         if line.strip():
             return line.strip()
     return "unavailable (no output)"
+
+
+# --- Checks per worker ----------------------------------------------------------------------
+
+# A text decision log line names the process that decided the Check: "... [PID]: decision_id=...".
+DECISION_LINE = re.compile(r" \[(\d+)\]: decision_id=")
+# Workers write their decision lines in batches at most 0.2 s apart, so a wait this long
+# lets the lines of earlier Checks reach the log.
+DECISION_LOG_FLUSH_S = 0.5
+SHARE_LOW = 40  # per cent of the Checks that each of two workers should decide
+SHARE_HIGH = 60
+
+
+def decisions_by_pid(log_text: str, pids: Iterable[int]) -> dict[int, int]:
+    """Count the decision lines of each process in `log_text`; every pid in `pids` gets an entry."""
+    counts = {pid: 0 for pid in pids}
+    for pid in DECISION_LINE.findall(log_text):
+        counts[int(pid)] = counts.get(int(pid), 0) + 1
+    return counts

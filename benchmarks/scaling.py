@@ -15,7 +15,18 @@ from dataclasses import dataclass, field
 from benchmarks import worker_balance
 from benchmarks.context import BenchContext, Section
 from benchmarks.loadgen import BenchmarkError, H2loadResult, check_grpc_responses, h2load_command, run_h2load
-from benchmarks.measure import Summary, accepted_connections, child_pids, free_port, listens_on, paired_ratios
+from benchmarks.measure import (
+    DECISION_LOG_FLUSH_S,
+    SHARE_HIGH,
+    SHARE_LOW,
+    Summary,
+    accepted_connections,
+    child_pids,
+    decisions_by_pid,
+    free_port,
+    listens_on,
+    paired_ratios,
+)
 from benchmarks.report import log_problems, table
 from benchmarks.scenario import EncodedCall, PinnedExtauthz, encode_authorization_check
 
@@ -30,13 +41,8 @@ MIN_REQUESTS = 1000
 SLOWEST_EXPECTED_RATE = 200
 START_TIMEOUT_S = 60.0
 LISTENING_LINE = re.compile(r"listening on \S+:\d+")
-# The decision log line of a Check names the process that decided it.
-DECISION_LINE = re.compile(r" \[(\d+)\]: decision_id=")
 DECISION_LOG_WAIT_S = 5.0
-DECISION_LOG_FLUSH_S = 0.5  # longer than the 0.2 s between a worker's decision log writes
 CONNECTION_SAMPLE_S = 0.5
-SHARE_LOW = 40  # per cent of the Checks that each of two workers should decide
-SHARE_HIGH = 60
 
 TITLE = "4. Scaling"
 
@@ -87,15 +93,10 @@ class Server:
 
 
 def _checks_by_worker(server: Server, log_offset: int, expected: int) -> dict[int, int]:
-    """Count the decision lines per worker written after `log_offset`, waiting for all `expected`.
-
-    Workers write their decision lines in batches, at most 0.2 s apart.
-    """
+    """Count the decision lines per worker written after `log_offset`, waiting for all `expected`."""
     deadline = time.monotonic() + DECISION_LOG_WAIT_S
     while True:
-        counts: dict[int, int] = {pid: 0 for pid in server.worker_pids}
-        for pid in DECISION_LINE.findall(server.process.log_text()[log_offset:]):
-            counts[int(pid)] = counts.get(int(pid), 0) + 1
+        counts = decisions_by_pid(server.process.log_text()[log_offset:], server.worker_pids)
         total = sum(counts.values())
         if total >= expected or time.monotonic() > deadline:
             break
@@ -288,7 +289,7 @@ def _render(ctx: BenchContext, servers: list[Server]) -> str:
         f"{SHARE_LOW} % and {SHARE_HIGH} % of the Checks. The CPU share is each worker's part of the workers' "
         "CPU time, and the connections are those of h2load's clients that each worker had accepted "
         f"{CONNECTION_SAMPLE_S} s into each round. SO_REUSEPORT gives each new connection to a worker by a hash "
-        "of its addresses and ports, and h2load sends the same number of requests over each of its connections, "
+        "of its addresses and ports. h2load sends the same number of requests over each of its connections, "
         "so a worker's share of the Checks is its share of the connections:",
         "",
         table(["server", "h2load", "worker", "Check share", "Check share per round (%)",

@@ -8,13 +8,21 @@ to a worker again, so the Checks spread over both workers in time.
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 
 from benchmarks.context import BenchContext
 from benchmarks.loadgen import BenchmarkError, WrkResult, run_wrk, wrk_command
-from benchmarks.measure import Summary, child_pids, free_port, listens_on
+from benchmarks.measure import (
+    DECISION_LOG_FLUSH_S,
+    SHARE_HIGH,
+    SHARE_LOW,
+    Summary,
+    child_pids,
+    decisions_by_pid,
+    free_port,
+    listens_on,
+)
 from benchmarks.report import log_problems, table
 from benchmarks.scenario import PATH, PinnedEnvoy, PinnedExtauthz
 from benchmarks.through_envoy import envoy_bootstrap
@@ -22,10 +30,7 @@ from benchmarks.through_envoy import envoy_bootstrap
 CONNECTION_AGE_S = 0.1
 WRK_CONNECTIONS = 8
 START_TIMEOUT_S = 60.0
-DECISION_LINE = re.compile(r" \[(\d+)\]: decision_id=")
 DECISION_LOG_WAIT_S = 5.0
-SHARE_LOW = 40
-SHARE_HIGH = 60
 
 
 @dataclass
@@ -58,14 +63,12 @@ def _count_checks(setup: Setup, log_offset: int) -> dict[int, int]:
     last = -1
     deadline = time.monotonic() + DECISION_LOG_WAIT_S
     while True:
-        counts = {pid: 0 for pid in setup.worker_pids}
-        for pid in DECISION_LINE.findall(setup.extauthz.log_text()[log_offset:]):
-            counts[int(pid)] = counts.get(int(pid), 0) + 1
+        counts = decisions_by_pid(setup.extauthz.log_text()[log_offset:], setup.worker_pids)
         total = sum(counts.values())
         if total == last or time.monotonic() > deadline:
             return counts
         last = total
-        time.sleep(0.5)  # longer than the 0.2 s between decision log writes
+        time.sleep(DECISION_LOG_FLUSH_S)
 
 
 def run(ctx: BenchContext) -> tuple[str, list[str]]:
@@ -98,7 +101,7 @@ def run(ctx: BenchContext) -> tuple[str, list[str]]:
                 args = wrk_command(url=setup.url, token=ctx.scenario.token, connections=WRK_CONNECTIONS,
                                    duration_s=duration_s, cpu_list=ctx.cpus.client)
                 ctx.commands.add(args)
-                time.sleep(0.5)  # lines of earlier Checks reach the log first
+                time.sleep(DECISION_LOG_FLUSH_S)  # lines of earlier Checks reach the log first
                 offset = len(setup.extauthz.log_text())
                 pids = [setup.envoy.pid, setup.extauthz.pid, *setup.worker_pids]
                 setup.results.append(run_wrk(args, pids, duration_s, f"Envoy in front of {setup.label}"))

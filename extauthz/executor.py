@@ -3,8 +3,8 @@
 grpcio's sync server hands every call to `executor.submit()` and only uses the returned
 object's `add_done_callback()`, to count active calls. A `concurrent.futures` pool does
 more per call than that needs (a Condition per future, a work item, thread-count
-bookkeeping). In the benchmark, a Check server on this pool spent about 14 µs less CPU
-per call than on `ThreadPoolExecutor` (99 µs against 113 µs with an empty handler).
+bookkeeping). Measured with h2load against a server whose handler returns a fixed
+CheckResponse, this pool cost 99 µs of CPU per call and `ThreadPoolExecutor` 113 µs.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ class HandlerExecutor:
             future, function, args, kwargs = item
             try:
                 function(*args, **kwargs)
-            except Exception:  # grpcio handles handler errors itself, so this is a bug in grpcio's caller code
-                logger.exception("gRPC handler call failed outside grpcio's error handling")
+            except Exception:  # grpcio catches handler errors itself, so this is a bug in grpcio
+                logger.exception("gRPC handler call raised past grpcio's error handling; the thread goes on")
             finally:
                 future._finish()

@@ -50,8 +50,8 @@ def _headers(http: external_auth_pb2.attribute__context__pb2.AttributeContext.Ht
         return joined
     names = "".join(http.headers)
     if names.islower():
-        # Envoy sends lower-case names, so the request's own map is used without a copy,
-        # because copying costs more than the few look-ups a Check makes.
+        # Envoy sends lower-case names. The request's own map is then used as it is,
+        # because a copy costs more than the few look-ups a Check makes.
         return http.headers
     return {name.lower(): value for name, value in http.headers.items()}
 

@@ -41,7 +41,11 @@ def test_callback_runs_after_the_call(executor: HandlerExecutor) -> None:
     seen: list[CallFuture] = []
     future = executor.submit(release.wait, WAIT_S)
 
-    future.add_done_callback(lambda done: (seen.append(done), called.set()))
+    def on_done(done: CallFuture) -> None:
+        seen.append(done)
+        called.set()
+
+    future.add_done_callback(on_done)
     assert not called.is_set()  # the call still waits for `release`
     release.set()
 
