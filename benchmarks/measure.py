@@ -205,7 +205,7 @@ SHARE_HIGH = 60
 
 
 def decisions_by_pid(log_text: str, pids: Iterable[int]) -> dict[int, int]:
-    """Count the decision lines of each process in `log_text`; every pid in `pids` gets an entry."""
+    """Count the decision lines of each process in `log_text`. Each pid in `pids` gets an entry, 0 included."""
     counts = {pid: 0 for pid in pids}
     for pid in DECISION_LINE.findall(log_text):
         counts[int(pid)] = counts.get(int(pid), 0) + 1
